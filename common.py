@@ -900,10 +900,12 @@ def dominant_eigenvalue(loss, params, iters=20, tol=1e-4, seed=0):
 # =====================================================================================
 # Figures (matplotlib, no display needed)
 # =====================================================================================
-def _plt():
+def pyplot():
+    """matplotlib.pyplot, on the file-only Agg backend unless pyplot is already in use (a notebook)."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules:  # a script: draw to files; a notebook keeps its inline backend
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
@@ -911,7 +913,7 @@ def _plt():
 
 def plot_alphas(weights, path, primitives=PRIMITIVES, title="softmax(alpha)"):
     """Heatmap per cell type: weights = {"normal": (E, n_ops), "reduce": (E, n_ops)}."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(weights), figsize=(5.5 * len(weights), 6), squeeze=False)
     for ax, (cell, w) in zip(axes[0], weights.items()):
         w = np.asarray(w)
@@ -942,7 +944,7 @@ def edge_names(n_edges):
 def plot_alpha_evolution(history, path, primitives=PRIMITIVES):
     """Mean over edges of each op's softmax weight, per epoch. history: list of
     {"normal": (E, n_ops), "reduce": (E, n_ops)}, one per epoch."""
-    plt = _plt()
+    plt = pyplot()
     cells = list(history[0])
     fig, axes = plt.subplots(1, len(cells), figsize=(6 * len(cells), 4), squeeze=False)
     for ax, cell in zip(axes[0], cells):
@@ -960,7 +962,7 @@ def plot_alpha_evolution(history, path, primitives=PRIMITIVES):
 
 
 def plot_curves(history, keys, path, title, ylabel="accuracy (%)"):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in keys:
         ax.plot([r["epoch"] + 1 for r in history], [r[key] for r in history], label=key, marker=".")
@@ -978,7 +980,7 @@ def plot_genotype(genotype, path):
     """Draw the normal and reduction cells as DAGs: inputs c_{k-2}, c_{k-1} on the left,
     intermediate nodes in the middle, c_k (concat) on the right, op names on the edges. Nodes
     carry the state indices the genotype's (op, input) pairs use: 0, 1 inputs, 2.. nodes."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, cell in zip(axes, ("normal", "reduce")):
         edges, concat = getattr(genotype, cell), getattr(genotype, cell + "_concat")
