@@ -1,0 +1,453 @@
+"""PC-DARTS: Partial Channel Connections for Memory-Efficient Architecture Search.
+
+Yuhui Xu, Lingxi Xie, Xiaopeng Zhang, Xin Chen, Guo-Jun Qi, Qi Tian, Hongkai Xiong. ICLR 2020.
+arXiv:1907.05737, https://arxiv.org/abs/1907.05737. Official code: yuhuixu1993/PC-DARTS @ b74702f,
+checked against model_search.py, train_search.py (main and V100_python1.0/), train.py, architect.py.
+This file is darts.py with what PC-DARTS changed: `diff darts.py pc_darts.py`.
+
+Reproduce the paper (search, derive the cell, retrain 600 epochs, test on CIFAR-10):
+    python pc_darts.py --epochs 50          # 50 is the default: batch 256, 15 warm-up epochs
+    python pc_darts.py --genotype PC_DARTS  # retrain the published cell only
+
+Equations implemented (numbers of arXiv:1907.05737, also used in notebooks/pc_darts.ipynb):
+    Eq. (1)  f^(i,j)(x) = sum_o softmax(alpha^(i,j))_o * o(x)          (DARTS's mixed op) -> MixedOp.forward
+    Eq. (2)  f_PC^(i,j)(x_i; S) = sum_o softmax(alpha^(i,j))_o * o(S * x_i) + (1 - S) * x_i,
+             S = the first C/K channels, then channel_shuffle (Deviation 1)  -> MixedOp.forward
+    Eq. (3)  x_j = sum_{i<j} softmax_{i'<j}(beta_{i',j})_i * f_PC^(i,j)(x_i)  -> SearchCell.forward, edge_softmax
+    Sec. 3.3 derived cell: rank edges by softmax(beta)_{i,j} * softmax(alpha^(i,j))_o (strongest
+             non-zero op), keep the top 2 per node, argmax op on each   -> Network.genotype, derive_genotype
+    Sec. 4.2 schedule: weights only for the first 15 epochs (warm-up), then the first-order
+             architecture step of DARTS on alpha and beta together  -> search_epoch
+    Sec. 3.2 memory: the ops hold about 1/K of the activations  -> tests/test_pc_darts.py, notebook
+
+Deviations from the paper (each is what the official code does, unless marked "ours"):
+    1. Partial channels are not sampled at random: every edge sends its *first* C/K channels
+       through the ops, passes the other channels by (through MaxPool2d(2, 2) on stride-2 edges,
+       so the shapes match), concatenates and applies a channel shuffle with K groups
+       (model_search.py). The shuffle interleaves the K channel groups, so the first C/K channels
+       of the next node mix op outputs with bypassed channels: at K=4, 44-59 % of a cell's input
+       channels reach an op instead of 25 % (notebook §1), at zero cost. The paper text describes
+       a random mask S_{i,j}; the README calls slice + shuffle its "efficient way to implement the
+       channel sampling", and the repository's random variant (model_search_random.py) never
+       applies its permutation (random_shuffle returns nothing), so the published cells come from
+       slice + shuffle. We implement that: what produced the paper's cells, deterministic, free.
+    2. alpha and beta are initialised as 1e-3 * N(0, 1) (official, as in DARTS).
+    3. The search lr anneals by cosine to 0 (main branch --learning_rate_min 0.0; the
+       V100_python1.0 copy uses 0.001: pass --lr-min 0.001 for it).
+    4. ours: the scheduler steps at the end of each epoch (epoch 0 trains at lr 0.1); the official
+       code steps it first, so epoch 0 trains at eta(1) (card §0.7), as in darts.py.
+    5. ours: each epoch walks the shuffled val half once (one val batch per train batch), like the
+       V100_python1.0 copy's persistent iterator; the main branch calls next(iter(valid_queue))
+       every step (sampling with replacement).
+    6. ours: alpha and beta are nn.Parameters, so they are in every checkpoint (official: plain
+       tensors, absent from weights.pt).
+    7. ours: the val half is evaluated after every epoch (official: last epoch only), for the
+       curves; it adds one forward pass over the val half per epoch to the search time.
+    8. First order only: train_search.py keeps DARTS's --unrolled flag, but PC-DARTS is built on
+       first-order DARTS (author, yuhuixu1993/PC-DARTS#23) and its numbers use it; no --unrolled here.
+    9. Retraining is the DARTS protocol of common.retrain with train.py's one change,
+       --drop-path-prob 0.3; auxiliary towers and cutout on, as the README command passes them.
+       Batch 96 as in train.py; we could not check whether the paper says 128 (card §4.2).
+   10. ours: the warm-up length is a flag (--warmup-epochs); train_search.py hard-codes
+       `if epoch >= 15`. During warm-up alpha and beta do not move (no Adam step at all).
+   11. ours: --amp (bfloat16 autocast, CUDA only), and the peak memory of each epoch is logged
+       (CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak RSS).
+   12. The equation and section numbers are those of the arXiv text as we recall it; we could not
+       read the PDF here to re-check them (the formulas themselves match model_search.py).
+
+--k 1 gives DARTS's mixed op (all channels, no shuffle) with edge normalisation added.
+Runs: --resume RUN_DIR continues a killed run; under torchrun only retraining is distributed
+(README.md, "Resume a killed run" and "Several GPUs").
+"""
+
+import dataclasses
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import OPS, PRIMITIVES, Genotype, UsageError, arg
+
+
+# =====================================================================================
+# Args
+# =====================================================================================
+@dataclasses.dataclass
+class Args(common.BaseArgs):
+    exp_name: str = arg("pc_darts", "name of the method; prefix of the run folder", "run")
+    # Algorithm specific arguments (yuhuixu1993/PC-DARTS train_search.py defaults)
+    epochs: int = arg(50, "train_search.py --epochs 50")
+    batch_size: int = arg(256, "train_search.py --batch_size 256 (train and val streams)")
+    lr: float = arg(0.1, "train_search.py --learning_rate 0.1 (weights, SGD)")
+    lr_min: float = arg(0.0, "train_search.py --learning_rate_min 0.0 (cosine floor; V100 copy: 0.001)")
+    momentum: float = arg(0.9, "train_search.py --momentum 0.9")
+    weight_decay: float = arg(3e-4, "train_search.py --weight_decay 3e-4")
+    init_channels: int = arg(16, "train_search.py --init_channels 16")
+    layers: int = arg(8, "train_search.py --layers 8 (cells in the supernet)")
+    grad_clip: float = arg(5.0, "train_search.py --grad_clip 5 (weights only)")
+    train_portion: float = arg(0.5, "train_search.py --train_portion 0.5 (weights / alpha split)")
+    arch_lr: float = arg(6e-4, "train_search.py --arch_learning_rate 6e-4 (Adam, alpha and beta)")
+    arch_weight_decay: float = arg(1e-3, "train_search.py --arch_weight_decay 1e-3")
+    k: int = arg(4, "Eq. (2): 1/K of the channels go through the ops (model_search.py self.k = 4; "
+                 "ImageNet search: 2)")
+    warmup_epochs: int = arg(15, "train weights only for this many epochs (train_search.py `if epoch >= 15`)")
+    # retraining: train.py differs from DARTS's only here (card §4.2)
+    drop_path_prob: float = arg(0.3, "train.py --drop_path_prob 0.3 (DARTS: 0.2; linear ramp from 0)", "retrain")
+
+
+# =====================================================================================
+# Search space: partial-channel mixed op, search cell with edge normalisation, supernet
+# =====================================================================================
+def channel_shuffle(x, groups):
+    """ShuffleNet's channel shuffle: view the C channels as (groups, C/groups), transpose, flatten,
+    so channel g * C/groups + i moves to i * groups + g. channel_shuffle(., C/groups) undoes it."""
+    b, c, h, w = x.shape
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
+
+
+class MixedOp(nn.Module):
+    """All candidate ops on one edge, built for C/K channels; search ops have affine=False and
+    pools get a BN (official). Channels C/K.. bypass the ops (Deviation 1)."""
+
+    def __init__(self, C, stride, k):
+        super().__init__()
+        self.k = k
+        self.ops = nn.ModuleList()
+        for name in PRIMITIVES:
+            op = OPS[name](C // k, stride, False)
+            if "pool" in name:
+                op = nn.Sequential(op, nn.BatchNorm2d(C // k, affine=False))
+            self.ops.append(op)
+        # the bypassed channels must shrink like the op outputs on stride-2 edges (official self.mp)
+        self.bypass = nn.MaxPool2d(2, 2) if stride == 2 else nn.Identity()
+
+    def forward(self, x, weights):  # x: (B, C, H, W), weights: (n_ops,) = softmax(alpha^(i,j))
+        c = x.shape[1] // self.k
+        x_ops, x_bypass = x[:, :c], x[:, c:]  # S * x: (B, C/K, H, W), (1 - S) * x: (B, C - C/K, H, W)
+        # ALGO LOGIC: Eq. (1)-(2): f_PC(x) = sum_o softmax(alpha)_o * o(S * x) + (1 - S) * x
+        out = sum(w * op(x_ops) for w, op in zip(weights, self.ops))
+        if self.k == 1:  # every channel went through the ops: DARTS's mixed op
+            return out
+        out = torch.cat([out, self.bypass(x_bypass)], dim=1)  # (B, C, H/stride, W/stride)
+        # ALGO LOGIC: Deviation 1: shuffle, so the next edge's first C/K channels mix all K groups
+        return channel_shuffle(out, self.k)
+
+
+class SearchCell(nn.Module):
+    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, k):
+        super().__init__()
+        self.reduction, self.steps, self.multiplier = reduction, steps, multiplier
+        self.preprocess0, self.preprocess1 = common.cell_preprocess(C_prev_prev, C_prev, C, reduction_prev,
+                                                                    affine=False)
+        # edge order: node 0 <- states 0,1; node 1 <- 0,1,2; ... (2+3+4+5 = 14 edges for 4 steps)
+        self.edges = nn.ModuleList(MixedOp(C, 2 if reduction and j < 2 else 1, k)
+                                   for i in range(steps) for j in range(2 + i))
+
+    def forward(self, s0, s1, weights, edge_weights):  # weights: (n_edges, n_ops), edge_weights: (n_edges,)
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        offset = 0
+        for _ in range(self.steps):
+            # ALGO LOGIC: Eq. (3): x_j = sum_{i<j} softmax_{i'<j}(beta)_i * f_PC^(i,j)(x_i)
+            node = sum(edge_weights[offset + j] * self.edges[offset + j](h, weights[offset + j])
+                       for j, h in enumerate(states))
+            offset += len(states)
+            states.append(node)
+        return torch.cat(states[-self.multiplier:], dim=1)  # (B, multiplier*C, H, W)
+
+
+def edge_softmax(beta, steps=4):
+    """Eq. (3): softmax of beta over the incoming edges of each node, i.e. over the slices
+    [0:2], [2:5], [5:9], [9:14] of the (n_edges,) vector (official: weights2 / betas)."""
+    out, start = [], 0
+    for i in range(steps):
+        out.append(F.softmax(beta[start:start + i + 2], dim=-1))
+        start += i + 2
+    return torch.cat(out)  # (n_edges,)
+
+
+class Network(nn.Module):
+    """The PC-DARTS supernet: stem, `layers` search cells (all normal cells share alphas_normal and
+    betas_normal, all reduction cells alphas_reduce and betas_reduce), global pool, linear."""
+
+    def __init__(self, C, num_classes, layers, k=4, steps=4, multiplier=4, stem_multiplier=3):
+        super().__init__()
+        self.steps = steps
+        C_curr = stem_multiplier * C
+        self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for i in range(layers):
+            reduction = i in common.reduction_layers(layers)
+            C_curr = C_curr * 2 if reduction else C_curr
+            self.cells.append(SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev,
+                                         k))
+            reduction_prev = reduction
+            C_prev_prev, C_prev = C_prev, multiplier * C_curr
+        self.classifier = nn.Linear(C_prev, num_classes)
+        n_edges = sum(2 + i for i in range(steps))
+        # Deviation 2: official init 1e-3 * N(0, 1) for alpha (n_edges, n_ops) and beta (n_edges,)
+        self.alphas_normal = nn.Parameter(1e-3 * torch.randn(n_edges, len(PRIMITIVES)))
+        self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(n_edges, len(PRIMITIVES)))
+        self.betas_normal = nn.Parameter(1e-3 * torch.randn(n_edges))
+        self.betas_reduce = nn.Parameter(1e-3 * torch.randn(n_edges))
+
+    def forward(self, x):
+        w_normal = F.softmax(self.alphas_normal, dim=-1)
+        w_reduce = F.softmax(self.alphas_reduce, dim=-1)
+        e_normal, e_reduce = edge_softmax(self.betas_normal, self.steps), edge_softmax(self.betas_reduce, self.steps)
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            s0, s1 = s1, (cell(s0, s1, w_reduce, e_reduce) if cell.reduction else cell(s0, s1, w_normal, e_normal))
+        return self.classifier(F.adaptive_avg_pool2d(s1, 1).flatten(1))
+
+    def arch_parameters(self):
+        return [self.alphas_normal, self.alphas_reduce, self.betas_normal, self.betas_reduce]
+
+    def weight_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith(("alphas_", "betas_"))]
+
+    def edge_weights(self):
+        """Sec. 3.3: softmax(beta)_{i,j} * softmax(alpha^(i,j))_o, (n_edges, n_ops) per cell type."""
+        return {cell: F.softmax(getattr(self, "alphas_" + cell), -1)
+                * edge_softmax(getattr(self, "betas_" + cell), self.steps)[:, None] for cell in ("normal", "reduce")}
+
+    def genotype(self):
+        w = self.edge_weights()
+        # ALGO LOGIC: Sec. 3.3: DARTS's rule on softmax(beta) * softmax(alpha) instead of softmax(alpha)
+        return derive_genotype(w["normal"], w["reduce"], self.steps)
+
+
+# =====================================================================================
+# Architecture update rule (first-order DARTS, on alpha and beta together)
+# =====================================================================================
+def first_order_arch_grad(model, x_val, y_val):
+    """First order (xi = 0): grad_{alpha,beta} L_val(w, alpha, beta) at the current weights."""
+    loss = F.cross_entropy(model(x_val), y_val)
+    return list(torch.autograd.grad(loss, model.arch_parameters())), loss.detach()
+
+
+# =====================================================================================
+# Genotype derivation
+# =====================================================================================
+def derive_genotype(w_normal, w_reduce, steps=4, multiplier=4):
+    """DARTS Sec. 2.4 on the given (n_edges, n_ops) weights: for every intermediate node keep the 2
+    incoming edges whose strongest non-zero op is largest, and on each the argmax op with 'none'
+    excluded (both steps skip 'none'). Ties go to the lower index (stable sort), as in the official
+    Network.genotype(). PC-DARTS passes softmax(beta) * softmax(alpha) (Sec. 3.3)."""
+    none = PRIMITIVES.index("none")
+
+    def parse(w):  # w: (n_edges, n_ops) edge weights
+        w = w.detach().cpu().clone()
+        w[:, none] = -1.0  # 'none' can never win
+        gene, start = [], 0
+        for i in range(steps):
+            rows = w[start:start + i + 2]  # edges into node i, from states 0 .. i+1
+            strength = rows.max(dim=1).values.tolist()
+            keep = sorted(range(i + 2), key=lambda j: -strength[j])[:2]
+            gene += [(PRIMITIVES[int(rows[j].argmax())], j) for j in keep]
+            start += i + 2
+        return gene
+
+    concat = list(range(2 + steps - multiplier, steps + 2))
+    return Genotype(normal=parse(w_normal), normal_concat=concat, reduce=parse(w_reduce), reduce_concat=concat)
+
+
+# =====================================================================================
+# Search loop
+# =====================================================================================
+def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, args, log, epoch):
+    """One epoch of the alternating bilevel optimisation: per train batch, first an architecture
+    step on a val batch (from epoch args.warmup_epochs on), then a weight step on the train batch
+    (official order)."""
+    model.train()
+    steps = min(len(train_data), args.steps_per_epoch or len(train_data))
+    loss_sum, acc_sum, n, t0 = 0.0, 0.0, 0, time.time()
+    for step, (x, y) in enumerate(train_data):
+        if step >= steps:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x_val, y_val = (t.to(device, non_blocking=True) for t in next(val_iter))
+        # ALGO LOGIC: warm-up: weights only for the first warmup_epochs epochs (train_search.py epoch >= 15)
+        if epoch >= args.warmup_epochs:
+            with common.autocast(device, args.amp):
+                grads, _ = first_order_arch_grad(model, x_val, y_val)
+            for a, g in zip(model.arch_parameters(), grads):
+                a.grad = g
+            a_optimizer.step()  # Adam on alpha and beta together
+        # weight step (SGD on w, grad-norm clip 5; alpha and beta are not clipped)
+        w_optimizer.zero_grad(set_to_none=True)
+        with common.autocast(device, args.amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.weight_parameters(), args.grad_clip)
+        w_optimizer.step()
+        loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + common.accuracy(logits, y), n + 1
+        if (step + 1) % args.report_freq == 0 or step + 1 == steps:
+            log.info("search epoch %d step %d/%d loss %.4f acc %.2f (%.3f s/step)", epoch, step + 1, steps,
+                     loss_sum / n, acc_sum / n, (time.time() - t0) / n)
+    return loss_sum / max(n, 1), acc_sum / max(n, 1), (time.time() - t0) / max(n, 1)
+
+
+def peak_memory_mb(device):
+    """CUDA: the peak of torch.cuda.max_memory_allocated since the last reset (per epoch); CPU: the
+    process's peak resident set size so far (ru_maxrss, KiB on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def plot_beta_evolution(history, path):
+    """softmax(beta) of every edge per epoch, one panel per cell type; colour = target node."""
+    plt = common.pyplot()
+    styles = ["-", "--", ":", "-.", (0, (6, 2, 1, 2, 1, 2))]  # line style = source state 0..4
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    for ax, cell in zip(axes, ("normal", "reduce")):
+        w = np.asarray([h[cell] for h in history])  # (epochs, n_edges)
+        for e, (node, i) in enumerate(common.edge_names(w.shape[1])):
+            ax.plot(range(1, len(w) + 1), w[:, e], color=f"C{node - 2}", ls=styles[i], label=f"{i}->{node}",
+                    marker="." if len(w) < 30 else None)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("softmax over the node's incoming edges")
+        ax.set_title(f"{cell} cell: softmax(beta), Eq. (3)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="edge i->j", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def search(args, device, run_dir, log):
+    """Run the search; returns (final genotype, summary). Writes per epoch: search_history.jsonl,
+    alphas.jsonl, genotype.json, checkpoint_search.pt; at the end the figures."""
+    generator = torch.Generator().manual_seed(args.seed)
+    train_set, num_classes, _ = common.load_dataset(args.dataset, args.data, True, args.image_size)
+    train_data, val_data = common.search_loaders(train_set, args.batch_size, args.train_portion, generator,
+                                                 args.workers)
+    model = Network(args.init_channels, num_classes, args.layers, args.k).to(device)
+    log.info("supernet: %.3f M weights, K=%d, arch parameters %s",
+             sum(p.numel() for p in model.weight_parameters()) / 1e6, args.k,
+             [tuple(a.shape) for a in model.arch_parameters()])
+    w_optimizer = torch.optim.SGD(model.weight_parameters(), args.lr, momentum=args.momentum,
+                                  weight_decay=args.weight_decay)
+    # architect.py: Adam with betas (0.5, 0.999), weight decay 1e-3, on [alphas, betas]
+    a_optimizer = torch.optim.Adam(model.arch_parameters(), args.arch_lr, betas=(0.5, 0.999),
+                                   weight_decay=args.arch_weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(w_optimizer, args.epochs, eta_min=args.lr_min)
+    start = 0
+    if args.resume:  # TRY NOT TO MODIFY: continue after the last finished epoch, bit for bit
+        start = common.resume_from(run_dir / "checkpoint_search.pt", "pc_darts", generator, model=model,
+                                   w_optimizer=w_optimizer, a_optimizer=a_optimizer, scheduler=scheduler)
+        log.info("resuming the search at epoch %d", start)
+    history = common.keep_jsonl(run_dir / "search_history.jsonl", start)
+    alpha_rows = common.keep_jsonl(run_dir / "alphas.jsonl", start)
+    alpha_history, beta_history = [r["softmax"] for r in alpha_rows], [r["beta_softmax"] for r in alpha_rows]
+    for epoch in range(start, args.epochs):
+        t0 = time.time()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        lr = w_optimizer.param_groups[0]["lr"]
+        val_iter = common.forever(val_data)  # one pass of the val half per epoch at the 50/50 split
+        train_loss, train_acc, s_per_step = search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer,
+                                                         device, args, log, epoch)
+        memory = peak_memory_mb(device)
+        val_loss, val_acc = common.evaluate(model, val_data, device, args.amp, args.steps_per_epoch)
+        scheduler.step()
+        genotype = model.genotype()
+        weights = {"normal": F.softmax(model.alphas_normal, -1).tolist(),
+                   "reduce": F.softmax(model.alphas_reduce, -1).tolist()}
+        betas = {"normal": edge_softmax(model.betas_normal).tolist(),
+                 "reduce": edge_softmax(model.betas_reduce).tolist()}
+        alpha_history.append(weights)
+        beta_history.append(betas)
+        row = {"epoch": epoch, "lr": lr, "arch_step": epoch >= args.warmup_epochs, "train_loss": train_loss,
+               "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc, "seconds": time.time() - t0,
+               "seconds_per_step": s_per_step, "peak_memory_MB": memory,
+               "genotype": common.genotype_to_dict(genotype)}
+        history.append(row)
+        common.append_jsonl(run_dir / "search_history.jsonl", row)
+        common.append_jsonl(run_dir / "alphas.jsonl", {
+            "epoch": epoch, "softmax": weights, "beta_softmax": betas,
+            "alpha": {"normal": model.alphas_normal.tolist(), "reduce": model.alphas_reduce.tolist()},
+            "beta": {"normal": model.betas_normal.tolist(), "reduce": model.betas_reduce.tolist()}})
+        common.write_json(run_dir / "genotype.json", common.genotype_to_dict(genotype))
+        log.info("search epoch %d lr %.5f %s train_acc %.2f val_acc %.2f peak memory %.0f MB %.1fs", epoch, lr,
+                 "arch+weights" if row["arch_step"] else "warm-up (weights only)", train_acc, val_acc, memory,
+                 row["seconds"])
+        log.info("genotype %s", genotype)
+        # TRY NOT TO MODIFY: checkpoint with everything needed to resume, alphas and betas included
+        common.save_checkpoint(run_dir / "checkpoint_search.pt", {
+            **common.make_checkpoint("pc_darts", epoch, args, generator, model=model, w_optimizer=w_optimizer,
+                                     a_optimizer=a_optimizer, scheduler=scheduler),
+            "alphas": {"normal": model.alphas_normal.detach().cpu(), "reduce": model.alphas_reduce.detach().cpu()},
+            "betas": {"normal": model.betas_normal.detach().cpu(), "reduce": model.betas_reduce.detach().cpu()},
+            "genotype": common.genotype_to_dict(genotype)})
+    genotype = model.genotype()  # also when a resumed run had nothing left to search
+    common.plot_alphas(alpha_history[-1], run_dir / "alphas.png")
+    common.plot_alpha_evolution(alpha_history, run_dir / "alpha_evolution.png")
+    plot_beta_evolution(beta_history, run_dir / "beta_evolution.png")
+    common.plot_curves(history, ["train_acc", "val_acc"], run_dir / "search_curves.png", "PC-DARTS search")
+    summary = {"epochs": len(history), "val_acc": history[-1]["val_acc"], "train_acc": history[-1]["train_acc"],
+               "seconds": sum(r["seconds"] for r in history),
+               "seconds_per_step": sum(r["seconds_per_step"] for r in history) / len(history),
+               "order": "first", "k": args.k, "warmup_epochs": args.warmup_epochs,
+               "peak_memory_MB": max(r["peak_memory_MB"] for r in history)}
+    return genotype, summary
+
+
+# =====================================================================================
+# main: search -> derive -> retrain -> test
+# =====================================================================================
+def main(args):
+    device = common.get_device(args.device)
+    if args.resume:
+        args = common.resume_args(args, __file__)  # the run's own flags; checks folder and checkpoints
+    common.check_common_args(args, device)
+    if not 0 < args.train_portion < 1:
+        raise UsageError(f"--train-portion must be in (0, 1), got {args.train_portion}")
+    genotype = common.parse_genotype(args.genotype) if args.genotype else None  # fail before any work
+    if genotype is not None and args.no_retrain:
+        raise UsageError("--genotype skips the search and --no-retrain skips retraining: nothing to do")
+    if genotype is None and (args.k < 1 or args.init_channels % args.k):
+        raise UsageError(f"--init-channels {args.init_channels} must be a multiple of --k {args.k} (the ops get "
+                         "C/K channels and the channel shuffle needs K equal groups)")
+    if genotype is None and not 0 <= args.warmup_epochs < args.epochs:
+        raise UsageError(f"--warmup-epochs {args.warmup_epochs} leaves no architecture step in --epochs "
+                         f"{args.epochs}: the cell would be read off the random initial alpha")
+    rank, world, device = common.setup_distributed(device)
+    if world > 1 and genotype is None:
+        raise UsageError("under torchrun only retraining is distributed: search with one process, then "
+                         "pass --genotype runs/<run>/genotype.json")
+    run_dir, log = common.start_run(args, __file__)
+    common.seed_everything(args.seed, args.torch_deterministic)
+    results = {"method": "pc_darts", "dataset": args.dataset, "seed": args.seed}
+    if genotype is None:
+        genotype, results["search"] = search(args, device, run_dir, log)
+    else:
+        log.info("retraining the given genotype, no search: %s", genotype)
+    results["genotype"] = common.genotype_to_dict(genotype)
+    if rank == 0:
+        common.write_json(run_dir / "genotype.json", results["genotype"])
+        common.plot_genotype(genotype, run_dir / "genotype.png")
+    if not args.no_retrain:
+        results["retrain"] = common.retrain(genotype, args, device, run_dir, log, "pc_darts")
+    if rank != 0:
+        return None
+    if not args.no_retrain:
+        log.info("test accuracy %.2f %% (best %.2f %%), %.3f M params", results["retrain"]["test_acc"],
+                 results["retrain"]["best_test_acc"], results["retrain"]["params_M"])
+    common.write_json(run_dir / "results.json", results)
+    log.info("done: %s", run_dir / "results.json")
+    return results
+
+
+if __name__ == "__main__":
+    common.cli(main, Args)
