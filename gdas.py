@@ -1,0 +1,468 @@
+"""GDAS: Gradient-based search using Differentiable Architecture Sampler.
+
+Xuanyi Dong, Yi Yang. "Searching for A Robust Neural Architecture in Four GPU Hours". CVPR 2019.
+arXiv:1910.04465, https://arxiv.org/abs/1910.04465. Official code: D-X-Y/AutoDL-Projects @ f46486e
+(exps/NAS-Bench-201-algos/GDAS.py, xautodl/models/cell_searchs/search_model_gdas_nasnet.py,
+search_model_gdas_frc_nasnet.py, search_cells.py, cell_operations.py GDAS_Reduction_Cell,
+configs/search-opts/GDAS-NASNet-CIFAR.config, scripts-search/NASNet-space-search-by-GDAS.sh) and the
+2019 release @ 17b615e (scripts-cnn/train-cifar.sh, configs/nas-cifar-cos-cut.config).
+
+GDAS is DARTS with one change: instead of the softmax mixture of all ops on an edge, every forward
+pass samples ONE op per edge from softmax(A) (Gumbel-max) and evaluates only that op; the sample is
+made differentiable in A with the straight-through Gumbel-softmax estimator. Hence the speed and
+memory of a single path, and a gradient for A from the validation loss.
+
+Reproduce the paper (search, derive the cell, retrain 600 epochs, test on CIFAR-10):
+    python gdas.py                        # GDAS: normal and reduction cells searched ("GDAS_V1")
+    python gdas.py --genotype GDAS_V1     # retrain the published cell only
+    python gdas.py --frc --no-retrain     # GDAS (FRC): normal cell searched, fixed reduction cell
+    python gdas.py --layers 6             # the AutoDL re-implementation's 6-cell supernet (N=2)
+
+Equations implemented. The paper's text could not be read while writing this file, so these numbers
+are ours (in the order of the paper's Sec. 3); notebooks/gdas.ipynb uses the same ones:
+    Eq. (1)  x_j = sum_{i<j} h_{i,j}^{k*} O^{k*}(x_i), one sampled op per edge  -> SearchCell.forward
+    Eq. (2)  p_{i,j} = softmax(A_{i,j})                                   -> gumbel_max_sample
+    Eq. (3)  k* = argmax_k (log p^k + o^k), o^k = -log(-log u), u ~ U(0, 1) (Gumbel-max) -> gumbel_max_sample
+    Eq. (4)  h~ = softmax((log p + o) / tau)       (Gumbel-softmax, for the gradient only) -> gumbel_max_sample
+    Eq. (5)  h = one_hot(k*) - stopgrad(h~) + h~   (straight-through: value one-hot, gradient of h~)
+                                                                           -> gumbel_max_sample
+    Eq. (6)  edge output h^{k*} * O^{k*}(x): only the sampled op is run  -> MixedOp.forward
+    Eq. (7)  first-order alternation: w <- SGD(grad_w L_train(w, h)), A <- Adam(grad_A L_val(w, h'))
+             with fresh samples h, h' for each step                         -> search_epoch
+    Eq. (8)  tau_e = tau_max - (tau_max - tau_min) * e / (E - 1), linear per epoch, 10 -> 0.1 -> temperature
+    derived cell: top-2 incoming edges by strongest non-zero op (DARTS rule)  -> derive_genotype
+
+Deviations from the paper (each is what the official code does, unless marked "ours"):
+    1. A is initialised as 1e-3 * N(0, 1).
+    2. The search hyper-parameters are those of the official NASNet-space re-implementation (250 epochs,
+       batch 256, SGD Nesterov lr 0.025 cosine to 0.001, weight decay 5e-4, Adam 3e-4 / 1e-3 on A,
+       tau 10 -> 0.1), the only code-verified values; the paper's own epoch count and batch size could
+       not be checked here. Its early research scripts (13e908f) used batch 128, wd 3e-4, tau 10 -> 4.
+    3. ours: the supernet is DARTS's: 8 cells with reductions at 1/3 and 2/3, global pooling straight
+       after the last cell. The official re-implementation builds N+1+(N-1)+1+(N-1) = 6 cells for N=2
+       (the same layout as --layers 6 here) and puts BN+ReLU before the pooling. The maintainer says
+       the paper counts cells as DARTS does (AutoDL-Projects issue #60).
+    4. The op set is DARTS's operations.py (common.OPS) with BN after the pools as in DARTS's MixedOp;
+       the official NASNet space has the same eight ops, with pools without BN.
+    5. ours: the sampled op indices go to the host once per forward (one .tolist() per cell type); the
+       official code calls .item() on every edge (14 * layers device syncs per forward). Same math.
+    6. ours: the grad-norm clip (5) covers the weights only; the official code clips all parameters,
+       including the gradient the weight step leaves on A (cleared before the architecture step).
+    7. ours: the search lr follows the cosine per epoch (as darts.py); the official scheduler steps it
+       per iteration. The search split is the first / second half of the training set by index
+       (DARTS); the official one is a fixed random 25K / 25K file. Both halves are augmented (official).
+    8. val_loss / val_acc in search_history are those of the architecture steps (train-mode BN, a fresh
+       sample per batch), as the official code logs them; darts.py instead evaluates its supernet in
+       eval mode, whose BN running statistics would here mix many sampled architectures.
+    9. Genotype: the DARTS rule (two distinct input edges per node, each with its best non-zero op), as
+       the 2019 release's lib/nas/model_search.py. The official re-implementation keeps the top-2 (op, input)
+       pairs of each node, which may read one input twice (--genotype-rule pairs). Every node of the
+       published GDAS_V1 / GDAS_F1 cells reads two distinct inputs, which that rule gives for both
+       cells of GDAS_V1 about one time in six from near-uniform alphas (notebook section 6).
+   10. --frc (fixed reduction cell, GDAS_Reduction_Cell) is search-only here: retraining it needs
+       common.NetworkCIFAR to build the fixed cell, which it does not yet. Its BNs are affine-free in
+       the search (as every search op) and its convs have no bias.
+   11. Retraining is common.retrain (DARTS protocol) = the 2019 release's train-cifar.sh and
+       nas-cifar-cos-cut.config (600 epochs, batch 96, lr 0.025 cosine, wd 3e-4, C=36, 20 cells,
+       auxiliary 0.4, drop path 0.2, cutout 16, clip 5) except the lr floor: 1e-4 there, 0 here.
+
+Runs: --resume RUN_DIR continues a killed run; under torchrun only retraining is distributed
+(README.md, "Resume a killed run" and "Several GPUs").
+"""
+
+import dataclasses
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import OPS, PRIMITIVES, Genotype, UsageError, arg
+
+
+# =====================================================================================
+# Args
+# =====================================================================================
+@dataclasses.dataclass
+class Args(common.BaseArgs):
+    exp_name: str = arg("gdas", "name of the method; prefix of the run folder", "run")
+    # Algorithm specific arguments (AutoDL-Projects NASNet-space GDAS: GDAS-NASNet-CIFAR.config + .sh)
+    epochs: int = arg(250, "search-opts/GDAS-NASNet-CIFAR.config epochs 250")
+    batch_size: int = arg(256, "search-opts/GDAS-NASNet-CIFAR.config batch_size 256 (train and val streams)")
+    lr: float = arg(0.025, "search-opts config LR 0.025 (weights, SGD)")
+    lr_min: float = arg(0.001, "search-opts config eta_min 0.001 (cosine floor)")
+    momentum: float = arg(0.9, "search-opts config momentum 0.9")
+    nesterov: bool = arg(True, "search-opts config nesterov 1")
+    weight_decay: float = arg(5e-4, "search-opts config decay 0.0005")
+    init_channels: int = arg(16, "search-archs/GDAS-NASNet-CIFAR.config C 16")
+    layers: int = arg(8, "cells in the supernet: DARTS's 8 (the AutoDL N=2 macro has 6: --layers 6)")
+    grad_clip: float = arg(5.0, "GDAS.py: clip_grad_norm_(..., 5) (weights only)")
+    train_portion: float = arg(0.5, "weights / alpha split of the training set (cifar-split.txt: 25K / 25K)")
+    arch_lr: float = arg(3e-4, "GDAS.py --arch_learning_rate 0.0003 (Adam, betas 0.5, 0.999)")
+    arch_weight_decay: float = arg(1e-3, "GDAS.py --arch_weight_decay 0.001")
+    tau_max: float = arg(10.0, "Eq. (8): NASNet-space-search-by-GDAS.sh --tau_max 10")
+    tau_min: float = arg(0.1, "Eq. (8): NASNet-space-search-by-GDAS.sh --tau_min 0.1")
+    frc: bool = arg(False, "GDAS (FRC): search the normal cell only, fixed reduction cell (search only here)")
+    genotype_rule: str = arg("darts", "darts (two distinct inputs per node, 2019 release) | pairs (top-2 "
+                             "(op, input) pairs per node, AutoDL re-implementation)")
+
+
+# =====================================================================================
+# Search space: Gumbel-max sampler, single-path mixed op, search cell, supernet
+# =====================================================================================
+def gumbel_max_sample(alpha, tau, generator=None):
+    """One architecture sample per row of alpha (..., n_ops). Returns (h, index): h has alpha's shape,
+    is exactly one_hot(index) in value and carries d softmax((log p + o) / tau) / d alpha backward;
+    index (...,) are the sampled ops, distributed as softmax(alpha) whatever tau is."""
+    # ALGO LOGIC: Eq. (2): log p = log softmax(A) (official: A.log_softmax(dim=1))
+    log_p = F.log_softmax(alpha, dim=-1)
+    while True:  # official: re-sample in the (rare) case of an infinite Gumbel draw
+        # Eq. (3): o = -log(-log u) = -log(e), e = -log u ~ Exp(1)
+        gumbel = -torch.empty_like(log_p).exponential_(generator=generator).log()
+        if torch.isfinite(gumbel).all():
+            break
+    # ALGO LOGIC: Eq. (3): k* = argmax_k (log p^k + o^k)  (Gumbel-max: k* ~ Categorical(p))
+    index = (log_p + gumbel).argmax(dim=-1)
+    # ALGO LOGIC: Eq. (4): h~ = softmax((log p + o) / tau)
+    soft = F.softmax((log_p + gumbel) / tau, dim=-1)
+    hard = F.one_hot(index, alpha.shape[-1]).to(soft.dtype)
+    # ALGO LOGIC: Eq. (5): h = one_hot(k*) - stopgrad(h~) + h~  (exactly one-hot in value: notebook section 3)
+    return hard - soft.detach() + soft, index
+
+
+def temperature(epoch, epochs, tau_max, tau_min):
+    """Eq. (8): linear per epoch from tau_max (epoch 0) to tau_min (last epoch), as GDAS.py."""
+    return tau_max - (tau_max - tau_min) * epoch / max(epochs - 1, 1)
+
+
+class MixedOp(nn.Module):
+    """All candidate ops on one edge; search ops have affine=False and pools get a BN (DARTS)."""
+
+    def __init__(self, C, stride):
+        super().__init__()
+        self.ops = nn.ModuleList()
+        for name in PRIMITIVES:
+            op = OPS[name](C, stride, False)
+            if "pool" in name:
+                op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
+            self.ops.append(op)
+
+    def forward(self, x, weights, index):  # weights: (n_ops,) straight-through h, index: k* (int)
+        # ALGO LOGIC: Eq. (6): h^{k*} * O^{k*}(x), the other ops are not run (value 1 * O^{k*}(x))
+        return self.ops[index](x) * weights[index]
+
+
+class SearchCell(nn.Module):
+    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev):
+        super().__init__()
+        self.reduction, self.steps, self.multiplier = reduction, steps, multiplier
+        self.preprocess0, self.preprocess1 = common.cell_preprocess(C_prev_prev, C_prev, C, reduction_prev,
+                                                                    affine=False)
+        # edge order: node 0 <- states 0,1; node 1 <- 0,1,2; ... (2+3+4+5 = 14 edges for 4 steps)
+        self.edges = nn.ModuleList(MixedOp(C, 2 if reduction and j < 2 else 1)
+                                   for i in range(steps) for j in range(2 + i))
+
+    def forward(self, s0, s1, weights, index):  # weights: (n_edges, n_ops), index: n_edges ints
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        offset = 0
+        for _ in range(self.steps):
+            # ALGO LOGIC: Eq. (1): x_j = sum_{i<j} h^{k*} O^{k*}(x_i), one op per edge
+            node = sum(self.edges[offset + j](h, weights[offset + j], index[offset + j])
+                       for j, h in enumerate(states))
+            offset += len(states)
+            states.append(node)
+        return torch.cat(states[-self.multiplier:], dim=1)  # (B, multiplier*C, H, W)
+
+
+class FixedReductionCell(nn.Module):
+    """GDAS (FRC) hand-designed reduction cell (official GDAS_Reduction_Cell; 2019 release Transition):
+    two ReLU-Conv(1x3, s(1,2), g8)-Conv(3x1, s(2,1), g8)-BN-ReLU-Conv1x1-BN branches, on c_{k-2} and
+    c_{k-1}, and two MaxPool3x3(s2)-BN branches on the same inputs; output: the 4 branches concatenated."""
+
+    def __init__(self, C_prev_prev, C_prev, C, reduction_prev, affine=False):
+        super().__init__()
+        if C % 8:
+            raise ValueError(f"the fixed reduction cell's grouped convs (8 groups) need C divisible by 8, got {C}")
+        self.reduction, self.multiplier = True, 4
+        self.preprocess0, self.preprocess1 = common.cell_preprocess(C_prev_prev, C_prev, C, reduction_prev, affine)
+        self.convs = nn.ModuleList(nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C, C, (1, 3), stride=(1, 2), padding=(0, 1), groups=8, bias=False),
+            nn.Conv2d(C, C, (3, 1), stride=(2, 1), padding=(1, 0), groups=8, bias=False),
+            nn.BatchNorm2d(C, affine=affine), nn.ReLU(inplace=False),
+            nn.Conv2d(C, C, 1, bias=False), nn.BatchNorm2d(C, affine=affine)) for _ in range(2))
+        self.pools = nn.ModuleList(nn.Sequential(nn.MaxPool2d(3, stride=2, padding=1),
+                                                 nn.BatchNorm2d(C, affine=affine)) for _ in range(2))
+
+    def forward(self, s0, s1, drop_prob=0.0):
+        s0, s1 = self.preprocess0(s0), self.preprocess1(s1)
+        out = [self.convs[0](s0), self.convs[1](s1), self.pools[0](s0), self.pools[1](s1)]
+        if self.training and drop_prob > 0:  # used when retraining (official); not in the search
+            out = [common.drop_path(x, drop_prob) for x in out]
+        return torch.cat(out, dim=1)  # (B, 4C, H/2, W/2)
+
+
+class Network(nn.Module):
+    """The GDAS supernet: DARTS's stem, `layers` search cells, global pool, linear. One architecture
+    is sampled per forward, shared by all normal cells, and one by all reduction cells (official).
+    frc=True: the reduction cells are FixedReductionCells and only alphas_normal is searched."""
+
+    def __init__(self, C, num_classes, layers, steps=4, multiplier=4, stem_multiplier=3, frc=False):
+        super().__init__()
+        self.tau = 10.0  # Eq. (8): set every epoch by the search loop
+        C_curr = stem_multiplier * C
+        self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for i in range(layers):
+            reduction = i in common.reduction_layers(layers)
+            C_curr = C_curr * 2 if reduction else C_curr
+            if reduction and frc:
+                self.cells.append(FixedReductionCell(C_prev_prev, C_prev, C_curr, reduction_prev))
+            else:
+                self.cells.append(SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction,
+                                             reduction_prev))
+            reduction_prev = reduction
+            C_prev_prev, C_prev = C_prev, multiplier * C_curr
+        self.classifier = nn.Linear(C_prev, num_classes)
+        n_edges = sum(2 + i for i in range(steps))
+        # Deviation 1: official init 1e-3 * N(0, 1)
+        self.alphas_normal = nn.Parameter(1e-3 * torch.randn(n_edges, len(PRIMITIVES)))
+        self.alphas_reduce = None if frc else nn.Parameter(1e-3 * torch.randn(n_edges, len(PRIMITIVES)))
+
+    def forward(self, x):
+        # ALGO LOGIC: one sample per cell type and forward pass; indices to the host once (Deviation 5)
+        samples = {"normal": gumbel_max_sample(self.alphas_normal, self.tau)}
+        if self.alphas_reduce is not None:
+            samples["reduce"] = gumbel_max_sample(self.alphas_reduce, self.tau)
+        samples = {cell: (h, index.tolist()) for cell, (h, index) in samples.items()}
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            if isinstance(cell, FixedReductionCell):
+                s0, s1 = s1, cell(s0, s1)
+            else:
+                s0, s1 = s1, cell(s0, s1, *samples["reduce" if cell.reduction else "normal"])
+        return self.classifier(F.adaptive_avg_pool2d(s1, 1).flatten(1))
+
+    def arch_parameters(self):
+        return [a for a in (self.alphas_normal, self.alphas_reduce) if a is not None]
+
+    def weight_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("alphas_")]
+
+    def arch_weights(self):
+        """softmax(A) per searched cell type, as lists (what alphas.jsonl and the figures show)."""
+        return {cell: F.softmax(a, -1).tolist() for cell, a in
+                (("normal", self.alphas_normal), ("reduce", self.alphas_reduce)) if a is not None}
+
+    def genotype(self, rule="darts"):
+        w_normal = F.softmax(self.alphas_normal, -1)
+        w_reduce = None if self.alphas_reduce is None else F.softmax(self.alphas_reduce, -1)
+        return derive_genotype(w_normal, w_reduce, rule=rule)
+
+
+# =====================================================================================
+# Architecture update rule
+# =====================================================================================
+def arch_grad(model, x_val, y_val):
+    """Eq. (7), architecture half: grad_A L_val(w, h') through the straight-through sample h' drawn in
+    this forward pass (first order, no unrolling). Also returns the val loss and logits."""
+    logits = model(x_val)
+    loss = F.cross_entropy(logits.float(), y_val)
+    return list(torch.autograd.grad(loss, model.arch_parameters())), loss.detach(), logits.detach()
+
+
+# =====================================================================================
+# Genotype derivation
+# =====================================================================================
+def derive_genotype(w_normal, w_reduce, steps=4, multiplier=4, rule="darts"):
+    """rule "darts": for every intermediate node keep the 2 incoming edges whose strongest non-zero op
+    is largest, and on each the argmax op with 'none' excluded (ties to the lower index).
+    rule "pairs" (AutoDL genotype()): the 2 largest (op, input) pairs of the node, 'none' excluded,
+    from any inputs (the same input may appear twice)."""
+    none = PRIMITIVES.index("none")
+
+    def parse(w):  # w: (n_edges, n_ops) softmax weights
+        w = w.detach().cpu().clone()
+        w[:, none] = -1.0  # 'none' can never win
+        gene, start = [], 0
+        for i in range(steps):
+            rows = w[start:start + i + 2]  # edges into node i, from states 0 .. i+1
+            if rule == "pairs":
+                order = sorted(((j, k) for j in range(i + 2) for k in range(len(PRIMITIVES)) if k != none),
+                               key=lambda jk: -rows[jk].item())[:2]
+                gene += [(PRIMITIVES[k], j) for j, k in order]
+            else:
+                strength = rows.max(dim=1).values.tolist()
+                keep = sorted(range(i + 2), key=lambda j: -strength[j])[:2]
+                gene += [(PRIMITIVES[int(rows[j].argmax())], j) for j in keep]
+            start += i + 2
+        return gene
+
+    concat = list(range(2 + steps - multiplier, steps + 2))
+    if w_reduce is None:  # FRC: [] and [] stand for the fixed reduction cell (official GDAS_F1: reduce=None)
+        return Genotype(normal=parse(w_normal), normal_concat=concat, reduce=[], reduce_concat=[])
+    return Genotype(normal=parse(w_normal), normal_concat=concat, reduce=parse(w_reduce), reduce_concat=concat)
+
+
+# =====================================================================================
+# Search loop
+# =====================================================================================
+def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, args, log, epoch):
+    """One epoch of Eq. (7): per train batch, first a weight step on it, then an architecture step on
+    a val batch (official order), each with its own freshly sampled architecture. Returns the mean
+    train loss and accuracy, the val loss and accuracy of the architecture steps (what the official
+    code logs: train-mode BN, one sample per batch) and seconds per step."""
+    model.train()
+    steps = min(len(train_data), args.steps_per_epoch or len(train_data))
+    loss_sum, acc_sum, val_loss_sum, val_acc_sum, n, t0 = 0.0, 0.0, 0.0, 0.0, 0, time.time()
+    for step, (x, y) in enumerate(train_data):
+        if step >= steps:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x_val, y_val = (t.to(device, non_blocking=True) for t in next(val_iter))
+        # ALGO LOGIC: Eq. (7) weight step: SGD on w, sampled architecture h, grad-norm clip 5
+        w_optimizer.zero_grad(set_to_none=True)
+        with common.autocast(device, args.amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.weight_parameters(), args.grad_clip)
+        w_optimizer.step()
+        # ALGO LOGIC: Eq. (7) architecture step: Adam on A, a fresh sample h' on the val batch
+        with common.autocast(device, args.amp):
+            grads, val_loss, val_logits = arch_grad(model, x_val, y_val)
+        for a, g in zip(model.arch_parameters(), grads):
+            a.grad = g
+        a_optimizer.step()
+        loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + common.accuracy(logits, y), n + 1
+        val_loss_sum, val_acc_sum = val_loss_sum + val_loss.item(), val_acc_sum + common.accuracy(val_logits, y_val)
+        if (step + 1) % args.report_freq == 0 or step + 1 == steps:
+            log.info("search epoch %d step %d/%d loss %.4f acc %.2f val_loss %.4f val_acc %.2f (%.3f s/step)",
+                     epoch, step + 1, steps, loss_sum / n, acc_sum / n, val_loss_sum / n, val_acc_sum / n,
+                     (time.time() - t0) / n)
+    n = max(n, 1)
+    return loss_sum / n, acc_sum / n, val_loss_sum / n, val_acc_sum / n, (time.time() - t0) / n
+
+
+def search(args, device, run_dir, log):
+    """Run the search; returns (final genotype, summary). Writes per epoch: search_history.jsonl,
+    alphas.jsonl, genotype.json, checkpoint_search.pt; at the end the figures."""
+    generator = torch.Generator().manual_seed(args.seed)
+    train_set, num_classes, _ = common.load_dataset(args.dataset, args.data, True, args.image_size)
+    train_data, val_data = common.search_loaders(train_set, args.batch_size, args.train_portion, generator,
+                                                 args.workers)
+    model = Network(args.init_channels, num_classes, args.layers, frc=args.frc).to(device)
+    log.info("supernet: %.3f M weights, alphas %s%s", sum(p.numel() for p in model.weight_parameters()) / 1e6,
+             [tuple(a.shape) for a in model.arch_parameters()], " (fixed reduction cell)" if args.frc else "")
+    w_optimizer = torch.optim.SGD(model.weight_parameters(), args.lr, momentum=args.momentum,
+                                  weight_decay=args.weight_decay, nesterov=args.nesterov)
+    # GDAS.py: Adam with betas (0.5, 0.999), weight decay 1e-3
+    a_optimizer = torch.optim.Adam(model.arch_parameters(), args.arch_lr, betas=(0.5, 0.999),
+                                   weight_decay=args.arch_weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(w_optimizer, args.epochs, eta_min=args.lr_min)
+    start = 0
+    if args.resume:  # TRY NOT TO MODIFY: continue after the last finished epoch, bit for bit
+        start = common.resume_from(run_dir / "checkpoint_search.pt", "gdas", generator, model=model,
+                                   w_optimizer=w_optimizer, a_optimizer=a_optimizer, scheduler=scheduler)
+        log.info("resuming the search at epoch %d", start)
+    history = common.keep_jsonl(run_dir / "search_history.jsonl", start)
+    alpha_history = [r["softmax"] for r in common.keep_jsonl(run_dir / "alphas.jsonl", start)]
+    for epoch in range(start, args.epochs):
+        t0 = time.time()
+        lr = w_optimizer.param_groups[0]["lr"]
+        # ALGO LOGIC: Eq. (8): tau for this epoch
+        model.tau = temperature(epoch, args.epochs, args.tau_max, args.tau_min)
+        val_iter = common.forever(val_data)  # one pass of the val half per epoch at the 50/50 split
+        train_loss, train_acc, val_loss, val_acc, s_per_step = search_epoch(
+            model, train_data, val_iter, w_optimizer, a_optimizer, device, args, log, epoch)
+        scheduler.step()
+        genotype = model.genotype(args.genotype_rule)
+        weights = model.arch_weights()
+        alpha_history.append(weights)
+        row = {"epoch": epoch, "lr": lr, "tau": model.tau, "train_loss": train_loss, "train_acc": train_acc,
+               "val_loss": val_loss, "val_acc": val_acc, "seconds": time.time() - t0,
+               "seconds_per_step": s_per_step, "genotype": common.genotype_to_dict(genotype)}
+        history.append(row)
+        common.append_jsonl(run_dir / "search_history.jsonl", row)
+        alphas = {cell: a.tolist() for cell, a in (("normal", model.alphas_normal), ("reduce", model.alphas_reduce))
+                  if a is not None}
+        common.append_jsonl(run_dir / "alphas.jsonl", {"epoch": epoch, "tau": model.tau, "softmax": weights,
+                                                       "alpha": alphas})
+        common.write_json(run_dir / "genotype.json", common.genotype_to_dict(genotype))
+        log.info("search epoch %d lr %.5f tau %.3f train_acc %.2f val_acc %.2f %.1fs", epoch, lr, model.tau,
+                 train_acc, val_acc, row["seconds"])
+        log.info("genotype %s", genotype)
+        # TRY NOT TO MODIFY: checkpoint with everything needed to resume, alphas and tau included
+        common.save_checkpoint(run_dir / "checkpoint_search.pt", {
+            **common.make_checkpoint("gdas", epoch, args, generator, model=model, w_optimizer=w_optimizer,
+                                     a_optimizer=a_optimizer, scheduler=scheduler),
+            "alphas": {cell: torch.tensor(a) for cell, a in alphas.items()}, "tau": model.tau,
+            "genotype": common.genotype_to_dict(genotype)})
+    genotype = model.genotype(args.genotype_rule)  # also when a resumed run had nothing left to search
+    common.plot_alphas(alpha_history[-1], run_dir / "alphas.png")
+    common.plot_alpha_evolution(alpha_history, run_dir / "alpha_evolution.png")
+    common.plot_curves(history, ["train_acc", "val_acc"], run_dir / "search_curves.png", "GDAS search")
+    common.plot_curves(history, ["tau"], run_dir / "tau.png", "Eq. (8): Gumbel-softmax temperature",
+                       ylabel="tau")
+    summary = {"epochs": len(history), "val_acc": history[-1]["val_acc"], "train_acc": history[-1]["train_acc"],
+               "seconds": sum(r["seconds"] for r in history),
+               "seconds_per_step": sum(r["seconds_per_step"] for r in history) / len(history),
+               "tau": history[-1]["tau"], "frc": args.frc}
+    return genotype, summary
+
+
+# =====================================================================================
+# main: search -> derive -> retrain -> test
+# =====================================================================================
+def main(args):
+    device = common.get_device(args.device)
+    if args.resume:
+        args = common.resume_args(args, __file__)  # the run's own flags; checks folder and checkpoints
+    common.check_common_args(args, device)
+    if not 0 < args.train_portion < 1:
+        raise UsageError(f"--train-portion must be in (0, 1), got {args.train_portion}")
+    if not 0 < args.tau_min <= args.tau_max:
+        raise UsageError(f"Eq. (8) needs 0 < --tau-min <= --tau-max, got {args.tau_min} and {args.tau_max}")
+    if args.genotype_rule not in ("darts", "pairs"):
+        raise UsageError(f"--genotype-rule must be darts or pairs, got {args.genotype_rule!r}")
+    if args.frc and args.init_channels % 4:
+        raise UsageError(f"--frc: the fixed reduction cell needs --init-channels divisible by 4, got "
+                         f"{args.init_channels}")
+    if args.frc and (args.genotype or not args.no_retrain):
+        raise UsageError("--frc searches the normal cell only and common.retrain cannot build the fixed "
+                         "reduction cell yet: add --no-retrain (and no --genotype)")
+    genotype = common.parse_genotype(args.genotype) if args.genotype else None  # fail before any work
+    if genotype is not None and args.no_retrain:
+        raise UsageError("--genotype skips the search and --no-retrain skips retraining: nothing to do")
+    rank, world, device = common.setup_distributed(device)
+    if world > 1 and genotype is None:
+        raise UsageError("under torchrun only retraining is distributed: search with one process, then "
+                         "pass --genotype runs/<run>/genotype.json")
+    run_dir, log = common.start_run(args, __file__)
+    common.seed_everything(args.seed, args.torch_deterministic)
+    results = {"method": "gdas", "dataset": args.dataset, "seed": args.seed}
+    if genotype is None:
+        genotype, results["search"] = search(args, device, run_dir, log)
+    else:
+        log.info("retraining the given genotype, no search: %s", genotype)
+    results["genotype"] = common.genotype_to_dict(genotype)
+    if rank == 0:
+        common.write_json(run_dir / "genotype.json", results["genotype"])
+        common.plot_genotype(genotype, run_dir / "genotype.png")
+    if not args.no_retrain:
+        results["retrain"] = common.retrain(genotype, args, device, run_dir, log, "gdas")
+    if rank != 0:
+        return None
+    if not args.no_retrain:
+        log.info("test accuracy %.2f %% (best %.2f %%), %.3f M params", results["retrain"]["test_acc"],
+                 results["retrain"]["best_test_acc"], results["retrain"]["params_M"])
+    common.write_json(run_dir / "results.json", results)
+    log.info("done: %s", run_dir / "results.json")
+    return results
+
+
+if __name__ == "__main__":
+    common.cli(main, Args)

@@ -1,0 +1,577 @@
+"""SNAS: Stochastic Neural Architecture Search.
+
+Sirui Xie, Hehui Zheng, Chunxiao Liu, Liang Lin. ICLR 2019. arXiv:1812.09926 (v3),
+https://arxiv.org/abs/1812.09926. Official code: SNAS-Series/SNAS-Series @ 9a43adb (SNAS/), checked against
+train_search.py, model_search.py, operations.py, utils.py, genotypes.py, model_edge_all.py, train_edge_all.py.
+
+Reproduce the paper (the README's single-GPU search command, then its retraining of the derived cell):
+    python snas.py                                  # 150 epochs, 8 cells, resource constraint as in the README
+    python snas.py --resource-lambda 0              # SNAS without the resource constraint
+    python snas.py --genotype SNAS_mild_edge_all    # retrain a published cell only (also _moderate, _aggressive)
+
+Equations implemented (numbers of arXiv v3 as reconstructed, see Deviation 1; the same in notebooks/snas.ipynb):
+    Eq. (1)-(2)  x_j = sum_{i<j} Z_ij^T O_ij(x_i), Z_ij one-hot (relaxed: Eq. (4))   -> MixedOp, SearchCell
+    Eq. (3)  min over theta and alpha of E_{Z ~ p_alpha(Z)}[L_theta(Z)]: theta and log alpha get their gradients
+             from ONE backward of the same loss on the same training batch (no train/val split)  -> train_step
+    Eq. (4)  Z^k = softmax_k((log alpha^k + G^k) / lambda), G^k = -log(-log U^k), U^k ~ U(0, 1)
+                                                                        -> gumbel_softmax_sample
+    Eq. (5)-(6) search gradient, per edge:
+             dL/dlog alpha^k = (1/lambda) Z^k (g^k - sum_m Z^m g^m),  g^m = (dL/dx_j)^T O^m(x_i)
+             (autograd computes it in train_step)                       -> search_gradient (tests check both agree)
+    Eq. (7)  credit assignment: E_Z[dL/dalpha] = E_Z[grad_alpha log p_alpha(Z) [(dL/dx_j)^T O~_ij(x_i)]_c],
+             p_alpha the Concrete density                               -> concrete_log_prob (notebook section 5)
+    Eq. (8)-(9) resource constraint E_Z[L_theta(Z) + eta C(Z)], C(Z) = sum_ij Z_ij^T C(O_ij)
+                                                                        -> op_costs, resource_penalty
+    temperature: linear per epoch from 1 to 0.03 (official code)       -> temperature
+    child network: the argmax op of EVERY edge, 'none' included ("edge_all")  -> derive_genotype, edge_all_to_cell
+
+Deviations from the paper (each is what the official code does, unless marked "ours"):
+    1. The paper body was not readable where this file was written (only its abstract and third-party
+       transcriptions of Eq. (4), Eq. (9) and the results table). Formulas were checked against the official
+       code; the equation numbers are our reconstruction of arXiv v3 and may be off by one.
+    2. The architecture parameters are log alpha (official normal_log_alpha), initialised N(1, 0.01)
+       (--loc_mean 1 --loc_std 0.01); the paper differentiates w.r.t. alpha, which adds a factor 1/alpha^k.
+    3. Architecture optimiser: the README's single-GPU search uses plain SGD on log alpha, lr 3e-4, no momentum,
+       no weight decay (default here); --arch-optimizer adam gives the distributed launch's Adam(betas 0.5, 0.999,
+       weight decay 1e-3). The log-alpha gradient norm is clipped at 10, the weights' at 5.
+    4. Temperature: lambda_e = lambda_0 - (lambda_0 - lambda_min) (e + 1) / E for epoch e = 0..E-1 (the official
+       scheduler steps before each epoch, so epoch 0 already trains at (1 - 1/E) and the last at lambda_min).
+       The official code hard-codes E = 150 whatever --epochs is; ours: E = --epochs (equal at the default).
+    5. ours: the weight lr scheduler steps at the end of each epoch (as darts.py Deviation 4).
+    6. Data: weights and log alpha train on the whole training split; the per-epoch search accuracy is measured
+       on the test split with a fresh Gumbel sample per batch (official valid_queue is the CIFAR-10 test set);
+       nothing is selected on it. We also log the child network's accuracy (one-hot argmax of every edge,
+       official --gen_max_child), the paper's claim that the child keeps the search accuracy.
+    7. Drop-path 0.3 on every edge output during search (README --drop_path_prob 3e-1); not in the paper.
+    8. Resource constraint (README: --method reparametrization --log_penalty --resource_lambda 1.5e-3):
+       per-edge costs (#params, FLOPs, memory access) are the official operations.py formulas; per edge
+       (log max(C_size, 1) + log max(C_flops, 1) + log max(C_mac, 1)) / 3; normal and reduction sums are averaged
+       over the cells of each kind (official: divided by hard-coded 6 and 2, the counts at 8 cells). The paper's
+       eta for its mild / moderate / aggressive cells is not in the code or in anything we could read.
+       policy_gradient: ours detaches Z in the score function and uses the exact Concrete log-density
+       (official: Z not detached, Z clamped at 1e-4).
+    9. Genotype ("edge_all", official genotype_edge_all, the cells the README retrains): every edge keeps its
+       argmax op, 'none' included, so a node can keep 0 to i+2 inputs; DARTS keeps the top-2 edges per node
+       with 'none' excluded. ours: edge_all_to_cell writes such a cell exactly in the two-inputs-per-node format
+       of common.NetworkCIFAR: a node with m > 2 inputs becomes m - 1 nodes chained by skip_connect (identity:
+       no parameters, no drop-path), the helpers left out of the concat; a node with 1 or 0 inputs is padded
+       with 'none'. For the three published cells this gives common.GENOTYPES["SNAS_*"] (aggressive: up to the
+       order of its 'none' pads).
+   10. Retraining: the DARTS protocol of common.retrain, which is train_edge_all.py's; but the official child
+       network has an affine BatchNorm after each pooling op, common.NetworkCIFAR has none (2160 parameters
+       fewer for SNAS_mild, 864 for SNAS_moderate at C=36).
+   11. Parameter counts at C=36, 20 cells: SNAS_moderate 2.85 M and SNAS_aggressive 2.31 M match the paper's
+       2.8 M and 2.3 M; SNAS_mild gives 2.66 M against the paper's 2.9 M, a gap we cannot explain (the pool BNs
+       add 0.002 M, the auxiliary head 0.48 M).
+   12. ours: --amp (bfloat16 autocast, CUDA only). Not implemented: --resample_layer, --nsample > 1, the
+       auxiliary tower during search, the random-sampling / alternating-update ablations, the resource scheduler.
+
+Runs: --resume RUN_DIR continues a killed run; under torchrun only retraining is distributed (README.md).
+"""
+
+import dataclasses
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import OPS, PRIMITIVES, Genotype, UsageError, arg
+
+
+# =====================================================================================
+# Args
+# =====================================================================================
+@dataclasses.dataclass
+class Args(common.BaseArgs):
+    exp_name: str = arg("snas", "name of the method; prefix of the run folder", "run")
+    # Algorithm specific arguments (SNAS/train_search.py defaults and the README's single-GPU command)
+    epochs: int = arg(150, "README --epochs 150")
+    batch_size: int = arg(64, "train_search.py --batch_size 64")
+    lr: float = arg(0.025, "train_search.py --learning_rate 0.025 (weights, SGD)")
+    lr_min: float = arg(0.001, "train_search.py --learning_rate_min 0.001 (cosine floor)")
+    momentum: float = arg(0.9, "train_search.py --momentum 0.9")
+    weight_decay: float = arg(3e-4, "train_search.py --weight_decay 3e-4")
+    init_channels: int = arg(16, "README --init_channels 16")
+    layers: int = arg(8, "README --layer 8 (cells in the supernet)")
+    grad_clip: float = arg(5.0, "train_search.py --grad_clip 5 (weights)")
+    arch_optimizer: str = arg("sgd", "sgd (single-GPU train_search.py: plain SGD on log alpha) | adam (its "
+                              "distributed launch: Adam, betas (0.5, 0.999))")
+    arch_lr: float = arg(3e-4, "train_search.py --arch_learning_rate 3e-4")
+    arch_weight_decay: float = arg(1e-3, "train_search.py --arch_weight_decay 1e-3 (Adam only)")
+    arch_grad_clip: float = arg(10.0, "train_search.py clips the log-alpha gradient norm at 10")
+    loc_mean: float = arg(1.0, "train_search.py --loc_mean 1: log alpha ~ N(loc_mean, loc_std)")
+    loc_std: float = arg(0.01, "train_search.py --loc_std 0.01")
+    temp: float = arg(1.0, "README --temp 1: initial Gumbel-softmax temperature lambda_0")
+    temp_min: float = arg(0.03, "README --temp_min 0.03: final temperature (linear per epoch, --temp_annealing)")
+    search_drop_path_prob: float = arg(0.3, "README --drop_path_prob 3e-1: drop-path on every edge during search")
+    resource_lambda: float = arg(1.5e-3, "README --resource_lambda 1.5e-3: eta of Eq. (8); 0 = no constraint")
+    resource_method: str = arg("reparametrization", "README --method: reparametrization | discrete | "
+                               "policy_gradient (Deviation 8)")
+    log_penalty: bool = arg(True, "README --log_penalty: mean of the logs of the 3 costs per edge")
+    resource_ratio: float = arg(1.0, "train_search.py --ratio 1: weight of the reduction cells' cost")
+
+
+# =====================================================================================
+# Search space: Gumbel-softmax sample, mixed op, search cell, supernet, costs
+# =====================================================================================
+def gumbel_softmax_sample(log_alpha, temp, noise=None):
+    """Eq. (4): Z = softmax((log alpha + G) / lambda) along the last dim, G = -log(-log U), U ~ U(0, 1);
+    a soft (relaxed one-hot) sample, no straight-through. `noise` = G, drawn when not given."""
+    if noise is None:
+        u = torch.rand_like(log_alpha).clamp_min(torch.finfo(log_alpha.dtype).tiny)
+        noise = -torch.log(-torch.log(u))
+    # ALGO LOGIC: Eq. (4): Z^k = exp((log alpha^k + G^k) / lambda) / sum_l exp((log alpha^l + G^l) / lambda)
+    return F.softmax((log_alpha + noise) / temp, dim=-1)
+
+
+def concrete_log_prob(log_alpha, log_z, temp):
+    """Log-density of the Concrete (Gumbel-softmax) distribution at a sample with log Z = log_z, last dim n:
+        log p(Z) = log (n-1)! + (n-1) log lambda + sum_k (log alpha^k - (lambda+1) log Z^k)
+                   - n log sum_k alpha^k (Z^k)^(-lambda)
+    (Maddison et al. 2017; official model_search.py logp). Its gradient in log alpha is the score function of
+    Eq. (7) and of the policy_gradient resource term."""
+    n = log_alpha.shape[-1]
+    return (math.lgamma(n) + (n - 1) * math.log(temp) + (log_alpha - (temp + 1) * log_z).sum(-1)
+            - n * torch.logsumexp(log_alpha - temp * log_z, dim=-1))
+
+
+class MixedOp(nn.Module):
+    """All candidate ops on one edge; search ops have affine=False and pools get a BN (official)."""
+
+    def __init__(self, C, stride):
+        super().__init__()
+        self.ops = nn.ModuleList()
+        for name in PRIMITIVES:
+            op = OPS[name](C, stride, False)
+            if "pool" in name:
+                op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
+            self.ops.append(op)
+
+    def forward(self, x, weights):  # weights: (n_ops,) = Z_ij, a Gumbel-softmax sample
+        # ALGO LOGIC: Eq. (2): O~_ij(x) = Z_ij^T O_ij(x) = sum_k Z^k O^k(x)
+        return sum(w * op(x) for w, op in zip(weights, self.ops))
+
+
+class SearchCell(nn.Module):
+    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev):
+        super().__init__()
+        self.reduction, self.steps, self.multiplier, self.C = reduction, steps, multiplier, C
+        self.preprocess0, self.preprocess1 = common.cell_preprocess(C_prev_prev, C_prev, C, reduction_prev,
+                                                                    affine=False)
+        # edge order: node 0 <- states 0,1; node 1 <- 0,1,2; ... (2+3+4+5 = 14 edges for 4 steps)
+        self.edges = nn.ModuleList(MixedOp(C, 2 if reduction and j < 2 else 1)
+                                   for i in range(steps) for j in range(2 + i))
+        self.input_size, self._costs = None, (None, None)  # H of the preprocessed inputs; cached costs
+
+    def forward(self, s0, s1, weights, drop_prob=0.0):  # weights: (n_edges, n_ops)
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        self.input_size = states[1].shape[-1]
+        offset = 0
+        for _ in range(self.steps):
+            node = 0
+            for j, h in enumerate(states):
+                out = self.edges[offset + j](h, weights[offset + j])
+                if self.training and drop_prob > 0:  # Deviation 7: every edge, during search
+                    out = common.drop_path(out, drop_prob)
+                # ALGO LOGIC: Eq. (1): x_j = sum_{i<j} O~_ij(x_i)
+                node = node + out
+            offset += len(states)
+            states.append(node)
+        return torch.cat(states[-self.multiplier:], dim=1)  # (B, multiplier*C, H, W)
+
+    def costs(self, like):
+        """(n_edges, n_ops, 3) costs C(O_ij) of Eq. (9) for this cell: #params, FLOPs, memory access, on the
+        device and dtype of `like`; computed from the input size of the last forward, then cached."""
+        key = (self.input_size, like.device, like.dtype)
+        if self._costs[0] != key:
+            H, rows = self.input_size, []
+            for i in range(self.steps):
+                for j in range(2 + i):
+                    stride = 2 if self.reduction and j < 2 else 1
+                    size = H // 2 if self.reduction and j >= 2 else H  # a reduction cell's nodes are halved
+                    rows.append(op_costs(self.C, stride, size))
+            self._costs = (key, torch.tensor(rows, dtype=like.dtype, device=like.device))
+        return self._costs[1]
+
+
+def op_costs(C, stride, H):
+    """(size, FLOPs, MAC) of every candidate op on a C-channel H x H input with the given stride, as SNAS's
+    operations.py counts them (y = output size; sizes exclude BN; skip_connect with stride 2 is
+    FactorizedReduce(C, C))."""
+    y = H if stride == 1 else H // 2
+    pool = (0, 9 * y * y * C, (2 if stride == 1 else 5) * y * y * C)
+    sep = lambda k: 2 * C * k * k + 2 * C * C  # two depthwise k x k + two 1x1
+    dil = lambda k: C * k * k + C * C  # one depthwise k x k + one 1x1
+    conv = lambda size, a, b: (size, size * y * y, y * y * ((a if stride == 1 else b) * C + C) + size)
+    costs = {"none": (0, 0, 0), "max_pool_3x3": pool, "avg_pool_3x3": pool,
+             "skip_connect": (0, 0, 2 * C * H * H) if stride == 1 else
+             (C * (C // 2) * 2, C * (C // 2) * 2 * y * y, 2 * y * y * (4 * C + C // 2) + C * (C // 2) * 2),
+             "sep_conv_3x3": conv(sep(3), 7, 10), "sep_conv_5x5": conv(sep(5), 7, 10),
+             "dil_conv_3x3": conv(dil(3), 3, 6), "dil_conv_5x5": conv(dil(5), 3, 6)}
+    return [costs[name] for name in PRIMITIVES]
+
+
+class Network(nn.Module):
+    """The DARTS supernet with SNAS's stochastic edges: every forward draws one Gumbel-softmax sample Z for all
+    normal cells and one for all reduction cells (Eq. (4)) at the current `temperature`. forward returns
+    (logits, the weights used), so common.evaluate (which reads out[0]) works on it."""
+
+    def __init__(self, C, num_classes, layers, steps=4, multiplier=4, stem_multiplier=3, loc_mean=1.0,
+                 loc_std=0.01, temperature=1.0, drop_path_prob=0.0):
+        super().__init__()
+        self.temperature, self.drop_path_prob = temperature, drop_path_prob
+        self.fixed_weights = None  # set to evaluate one architecture (the child network) instead of sampling
+        C_curr = stem_multiplier * C
+        self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for i in range(layers):
+            reduction = i in common.reduction_layers(layers)
+            C_curr = C_curr * 2 if reduction else C_curr
+            self.cells.append(SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev))
+            reduction_prev = reduction
+            C_prev_prev, C_prev = C_prev, multiplier * C_curr
+        self.classifier = nn.Linear(C_prev, num_classes)
+        n_edges = sum(2 + i for i in range(steps))
+        # Deviation 2: log alpha ~ N(loc_mean, loc_std) (softmax is shift invariant; the mean only matters with Adam's
+        # weight decay)
+        self.log_alpha_normal = nn.Parameter(loc_mean + loc_std * torch.randn(n_edges, len(PRIMITIVES)))
+        self.log_alpha_reduce = nn.Parameter(loc_mean + loc_std * torch.randn(n_edges, len(PRIMITIVES)))
+
+    def sample_weights(self):
+        return {"normal": gumbel_softmax_sample(self.log_alpha_normal, self.temperature),
+                "reduce": gumbel_softmax_sample(self.log_alpha_reduce, self.temperature)}
+
+    def argmax_weights(self):  # the child network: one-hot argmax of every edge, 'none' included
+        return {k: F.one_hot(a.detach().argmax(-1), len(PRIMITIVES)).to(a.dtype)
+                for k, a in (("normal", self.log_alpha_normal), ("reduce", self.log_alpha_reduce))}
+
+    def forward(self, x, weights=None):
+        if weights is None:
+            weights = self.fixed_weights if self.fixed_weights is not None else self.sample_weights()
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1, weights["reduce" if cell.reduction else "normal"], self.drop_path_prob)
+        return self.classifier(F.adaptive_avg_pool2d(s1, 1).flatten(1)), weights
+
+    def arch_parameters(self):
+        return [self.log_alpha_normal, self.log_alpha_reduce]
+
+    def weight_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("log_alpha_")]
+
+    def probabilities(self):  # p_alpha(Z_ij = one-hot k) = softmax(log alpha_ij)_k
+        return {"normal": F.softmax(self.log_alpha_normal, -1), "reduce": F.softmax(self.log_alpha_reduce, -1)}
+
+    def genotype_edge_all(self):
+        p = self.probabilities()
+        return derive_genotype(p["normal"], p["reduce"])
+
+
+def resource_penalty(model, weights, method="reparametrization", log_penalty=True, ratio=1.0):
+    """Eq. (8)-(9): C(Z) = sum_ij C(Z_ij), C(Z_ij) = Z_ij^T C(O_ij) for each of the 3 costs of op_costs, per edge
+    either (log max(C_size,1) + log max(C_flops,1) + log max(C_mac,1)) / 3 (log_penalty) or
+    0.43 (2 C_size + C_flops / 4000 + C_mac / 100) (official); summed over the edges, averaged over the cells
+    of each kind, reduction cells weighted by `ratio`. Z is the sample used in the forward pass
+    (reparametrization), softmax(log alpha) (discrete), or the sample as a fixed action whose cost is the
+    reward of a score-function estimator (policy_gradient; the value is then a surrogate, not the cost)."""
+    alphas = {"normal": model.log_alpha_normal, "reduce": model.log_alpha_reduce}
+    counts = {k: max(1, sum((c.reduction) == (k == "reduce") for c in model.cells)) for k in alphas}
+    total = 0.0
+    for cell in model.cells:
+        kind = "reduce" if cell.reduction else "normal"
+        cost = cell.costs(alphas[kind])  # (E, n_ops, 3)
+        z = F.softmax(alphas[kind], -1) if method == "discrete" else weights[kind]
+        z = z.detach() if method == "policy_gradient" else z
+        r = (z.unsqueeze(-1) * cost).sum(1)  # (E, 3): expected or sampled size, FLOPs, MAC per edge
+        if log_penalty:
+            per_edge = r.clamp_min(1.0).log().mean(-1)  # official: values below 1 count as 1
+        else:
+            per_edge = 0.43 * (r * r.new_tensor([2.0, 1 / 4000, 1 / 100])).sum(-1)
+        if method == "policy_gradient":
+            log_z = z.clamp_min(torch.finfo(z.dtype).tiny).log()
+            # ALGO LOGIC: score function: grad E[C] = E[C(Z) grad log p_alpha(Z)], C(Z) held constant
+            per_edge = concrete_log_prob(alphas[kind], log_z, model.temperature) * per_edge.detach()
+        total = total + per_edge.sum() / counts[kind] * (ratio if cell.reduction else 1.0)
+    return total
+
+
+# =====================================================================================
+# Architecture update rule: one backward for theta and log alpha, temperature schedule
+# =====================================================================================
+def temperature(epoch, epochs, temp0=1.0, temp_min=0.03):
+    """Deviation 4: lambda used in `epoch` (0-based): linear from temp0 to temp_min, reached at the last epoch.
+    Official utils.Temp_Scheduler: (1 - t/150)(temp0 - temp_min) + temp_min with t = epoch + 1."""
+    # ALGO LOGIC: lambda = (1 - (e + 1) / E) (lambda_0 - lambda_min) + lambda_min
+    return max(temp_min, (1 - (epoch + 1) / epochs) * (temp0 - temp_min) + temp_min)
+
+
+def search_gradient(dL_dz, z, temp):
+    """Eq. (5)-(6), the search gradient by hand: with g^m = dL/dZ^m = (dL/dx_j)^T O^m(x_i) (the credit of op m on
+    this edge) and dZ^m/dlog alpha^k = (1/lambda) Z^m (delta_mk - Z^k),
+        dL/dlog alpha^k = (1/lambda) Z^k (g^k - sum_m Z^m g^m).
+    Any leading dims (edges) are kept. train_step gets the same numbers from autograd."""
+    # ALGO LOGIC: Eq. (6): (1/lambda) Z^k (g^k - sum_m Z^m g^m)
+    return z * (dL_dz - (z * dL_dz).sum(-1, keepdim=True)) / temp
+
+
+def train_step(model, x, y, w_optimizer, a_optimizer, args):
+    """Eq. (3): one Gumbel sample Z (Eq. (4)), loss = CE + eta * resource penalty (Eq. (8)), ONE backward; both
+    the weights and log alpha step on these gradients, from the same batch (single level, no unrolling).
+    Returns (CE loss, logits, penalty), detached."""
+    w_optimizer.zero_grad(set_to_none=True)
+    a_optimizer.zero_grad(set_to_none=True)
+    with common.autocast(x.device, args.amp):
+        logits, weights = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+    penalty = resource_penalty(model, weights, args.resource_method, args.log_penalty, args.resource_ratio)
+    # ALGO LOGIC: Eq. (3) + (8): L_theta(Z) + eta C(Z), one backward for theta and log alpha
+    (loss + args.resource_lambda * penalty if args.resource_lambda else loss).backward()
+    nn.utils.clip_grad_norm_(model.weight_parameters(), args.grad_clip)
+    nn.utils.clip_grad_norm_(model.arch_parameters(), args.arch_grad_clip)
+    w_optimizer.step()
+    a_optimizer.step()
+    return loss.detach(), logits.detach(), penalty.detach().item()
+
+
+# =====================================================================================
+# Genotype derivation: every edge's argmax ("edge_all"), then the two-inputs-per-node cell
+# =====================================================================================
+def _edge_all(text):  # "op j, op j; ..." -> per node, the (op, input) list; ";" separates nodes
+    return [(op, int(j)) for node in text.split(";") for op, j in (e.split() for e in node.split(","))]
+
+
+EDGE_ALL = {  # SNAS-Series SNAS/genotypes.py *_edge_all: per node, edges sorted by strength (README retrains these)
+    name: Genotype(_edge_all(normal), [2, 3, 4, 5], _edge_all(reduce), [2, 3, 4, 5]) for name, normal, reduce in [
+        ("SNAS_mild_edge_all",
+         "sep_conv_3x3 0, sep_conv_3x3 1; skip_connect 0, dil_conv_3x3 1, none 2; skip_connect 0, skip_connect 1, "
+         "none 3, none 2; skip_connect 0, sep_conv_3x3 1, none 4, none 3, none 2",
+         "max_pool_3x3 0, max_pool_3x3 1; none 0, max_pool_3x3 1, skip_connect 2; none 0, max_pool_3x3 1, "
+         "skip_connect 2, none 3; max_pool_3x3 0, dil_conv_5x5 2, none 1, none 3, none 4"),
+        ("SNAS_moderate_edge_all",
+         "dil_conv_5x5 0, skip_connect 1; sep_conv_3x3 0, skip_connect 1, none 2; skip_connect 0, none 3, none 2, "
+         "skip_connect 1; sep_conv_3x3 0, dil_conv_5x5 1, none 4, none 3, none 2",
+         "max_pool_3x3 0, max_pool_3x3 1; sep_conv_5x5 0, none 2, dil_conv_5x5 1; none 3, none 2, sep_conv_5x5 0, "
+         "sep_conv_5x5 1; none 4, none 3, none 2, sep_conv_5x5 0, sep_conv_5x5 1"),
+        ("SNAS_aggressive_edge_all",
+         "sep_conv_5x5 0, skip_connect 1; skip_connect 0, skip_connect 1, none 2; dil_conv_5x5 1, skip_connect 0, "
+         "none 2, none 3; skip_connect 0, dil_conv_5x5 1, none 2, none 3, none 4",
+         "sep_conv_5x5 0, none 1; sep_conv_5x5 0, none 1, none 2; none 0, none 1, none 2, none 3; none 0, none 1, "
+         "none 2, none 3, none 4")]}
+
+
+def derive_genotype(w_normal, w_reduce, steps=4, multiplier=4):
+    """The child network of SNAS (official genotype_edge_all): on EVERY edge the argmax op, 'none' included
+    (ties to the lower index); per node the entries are sorted by their max probability (stable). Returns the
+    14-entry-per-cell "edge_all" Genotype; edge_all_to_cell turns it into a retrainable cell."""
+    def parse(w):  # w: (n_edges, n_ops) probabilities
+        w = w.detach().cpu()
+        gene, start = [], 0
+        for i in range(steps):
+            rows = w[start:start + i + 2]  # edges into node i, from states 0 .. i+1
+            strength = rows.max(dim=1).values.tolist()
+            gene += [(PRIMITIVES[int(rows[j].argmax())], j) for j in sorted(range(i + 2), key=lambda j: -strength[j])]
+            start += i + 2
+        return gene
+
+    concat = list(range(2 + steps - multiplier, steps + 2))
+    return Genotype(normal=parse(w_normal), normal_concat=concat, reduce=parse(w_reduce), reduce_concat=concat)
+
+
+def edge_all_to_cell(g, steps=4):
+    """Deviation 9: the same network in common.NetworkCIFAR's format (two inputs per node). Per node, the edges
+    whose op is not 'none': two -> as they are; one -> plus ('none', j) of its first 'none' edge; none -> the
+    first two ('none', j); m > 2 -> m - 1 nodes, each adding one more edge to the previous one through
+    ('skip_connect', previous), only the last kept in the concat. Inputs are renumbered."""
+    def convert(edges, concat):
+        where, out, start = {0: 0, 1: 1}, [], 0  # where[state of g] = state of the new cell
+        for i in range(steps):
+            node = edges[start:start + i + 2]
+            start += i + 2
+            kept = [(op, where[j]) for op, j in node if op != "none"]
+            kept += [("none", where[j]) for op, j in node if op == "none"][:max(0, 2 - len(kept))]
+            out += kept[:2]
+            for edge in kept[2:]:  # chain: new state = previous state (identity) + one more edge
+                out += [("skip_connect", len(out) // 2 + 1), edge]
+            where[i + 2] = len(out) // 2 + 1
+        return out, [where[c] for c in concat]
+
+    normal, normal_concat = convert(g.normal, g.normal_concat)
+    reduce, reduce_concat = convert(g.reduce, g.reduce_concat)
+    return common.validate_genotype(Genotype(normal, normal_concat, reduce, reduce_concat), "edge_all cell")
+
+
+def parse_genotype(text):
+    """--genotype: a published edge_all name (EDGE_ALL), else anything common.parse_genotype reads."""
+    return edge_all_to_cell(EDGE_ALL[text]) if text in EDGE_ALL else common.parse_genotype(text)
+
+
+# =====================================================================================
+# Search loop
+# =====================================================================================
+def search_epoch(model, train_data, w_optimizer, a_optimizer, device, args, log, epoch):
+    """One epoch of Eq. (3): per training batch one train_step (weights and log alpha together)."""
+    model.train()
+    steps = min(len(train_data), args.steps_per_epoch or len(train_data))
+    loss_sum, acc_sum, pen_sum, n, t0 = 0.0, 0.0, 0.0, 0, time.time()
+    for step, (x, y) in enumerate(train_data):
+        if step >= steps:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss, logits, penalty = train_step(model, x, y, w_optimizer, a_optimizer, args)
+        loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + common.accuracy(logits, y), n + 1
+        pen_sum += penalty
+        if (step + 1) % args.report_freq == 0 or step + 1 == steps:
+            log.info("search epoch %d step %d/%d loss %.4f acc %.2f penalty %.3f (%.3f s/step)", epoch, step + 1,
+                     steps, loss_sum / n, acc_sum / n, pen_sum / n, (time.time() - t0) / n)
+    n = max(n, 1)
+    return loss_sum / n, acc_sum / n, pen_sum / n, (time.time() - t0) / n
+
+
+def evaluate_child(model, data, device, amp=False, max_steps=0):
+    """Accuracy of the child network: every edge fixed to its argmax op (official --gen_max_child)."""
+    model.fixed_weights = model.argmax_weights()
+    try:
+        return common.evaluate(model, data, device, amp, max_steps)
+    finally:
+        model.fixed_weights = None
+
+
+def search(args, device, run_dir, log):
+    """Run the search; returns (final cell, summary). Writes per epoch: search_history.jsonl, alphas.jsonl,
+    genotype.json, checkpoint_search.pt; at the end the figures."""
+    generator = torch.Generator().manual_seed(args.seed)
+    train_set, num_classes, _ = common.load_dataset(args.dataset, args.data, True, args.image_size)
+    test_set, _, _ = common.load_dataset(args.dataset, args.data, False, args.image_size)
+    # Deviation 6: no train/val split; the test split only monitors
+    train_data = common.loader(train_set, args.batch_size, True, generator, args.workers)
+    val_data = common.loader(test_set, args.batch_size, False, generator, args.workers)
+    model = Network(args.init_channels, num_classes, args.layers, loc_mean=args.loc_mean, loc_std=args.loc_std,
+                    drop_path_prob=args.search_drop_path_prob).to(device)
+    log.info("supernet: %.3f M weights, log alphas %s", sum(p.numel() for p in model.weight_parameters()) / 1e6,
+             [tuple(a.shape) for a in model.arch_parameters()])
+    w_optimizer = torch.optim.SGD(model.weight_parameters(), args.lr, momentum=args.momentum,
+                                  weight_decay=args.weight_decay)
+    if args.arch_optimizer == "adam":  # Deviation 3
+        a_optimizer = torch.optim.Adam(model.arch_parameters(), args.arch_lr, betas=(0.5, 0.999),
+                                       weight_decay=args.arch_weight_decay)
+    else:
+        a_optimizer = torch.optim.SGD(model.arch_parameters(), args.arch_lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(w_optimizer, args.epochs, eta_min=args.lr_min)
+    start = 0
+    if args.resume:  # TRY NOT TO MODIFY: continue after the last finished epoch, bit for bit
+        start = common.resume_from(run_dir / "checkpoint_search.pt", "snas", generator, model=model,
+                                   w_optimizer=w_optimizer, a_optimizer=a_optimizer, scheduler=scheduler)
+        log.info("resuming the search at epoch %d", start)
+    history = common.keep_jsonl(run_dir / "search_history.jsonl", start)
+    alpha_history = [r["softmax"] for r in common.keep_jsonl(run_dir / "alphas.jsonl", start)]
+    for epoch in range(start, args.epochs):
+        t0 = time.time()
+        lr = w_optimizer.param_groups[0]["lr"]
+        # ALGO LOGIC: Deviation 4: linear annealing of the Gumbel-softmax temperature, once per epoch
+        model.temperature = temperature(epoch, args.epochs, args.temp, args.temp_min)
+        train_loss, train_acc, penalty, s_per_step = search_epoch(model, train_data, w_optimizer, a_optimizer,
+                                                                  device, args, log, epoch)
+        val_loss, val_acc = common.evaluate(model, val_data, device, args.amp, args.steps_per_epoch)
+        child_loss, child_acc = evaluate_child(model, val_data, device, args.amp, args.steps_per_epoch)
+        scheduler.step()
+        edge_all = model.genotype_edge_all()
+        genotype = edge_all_to_cell(edge_all)
+        weights = {k: w.tolist() for k, w in model.probabilities().items()}
+        alpha_history.append(weights)
+        row = {"epoch": epoch, "lr": lr, "temperature": model.temperature, "train_loss": train_loss,
+               "train_acc": train_acc, "resource_penalty": penalty, "val_loss": val_loss, "val_acc": val_acc,
+               "child_val_loss": child_loss, "child_val_acc": child_acc, "seconds": time.time() - t0,
+               "seconds_per_step": s_per_step, "genotype": common.genotype_to_dict(genotype),
+               "genotype_edge_all": common.genotype_to_dict(edge_all)}
+        history.append(row)
+        common.append_jsonl(run_dir / "search_history.jsonl", row)
+        common.append_jsonl(run_dir / "alphas.jsonl", {"epoch": epoch, "temperature": model.temperature,
+                                                       "softmax": weights,
+                                                       "log_alpha": {"normal": model.log_alpha_normal.tolist(),
+                                                                     "reduce": model.log_alpha_reduce.tolist()}})
+        common.write_json(run_dir / "genotype.json", common.genotype_to_dict(genotype))
+        log.info("search epoch %d lr %.5f temperature %.4f train_acc %.2f val_acc %.2f (child %.2f) %.1fs", epoch,
+                 lr, model.temperature, train_acc, val_acc, child_acc, row["seconds"])
+        log.info("genotype_edge_all %s", edge_all)
+        # TRY NOT TO MODIFY: checkpoint with everything needed to resume, log alphas included
+        common.save_checkpoint(run_dir / "checkpoint_search.pt", {
+            **common.make_checkpoint("snas", epoch, args, generator, model=model, w_optimizer=w_optimizer,
+                                     a_optimizer=a_optimizer, scheduler=scheduler),
+            "log_alphas": {"normal": model.log_alpha_normal.detach().cpu(),
+                           "reduce": model.log_alpha_reduce.detach().cpu()},
+            "temperature": model.temperature, "genotype": common.genotype_to_dict(genotype),
+            "genotype_edge_all": common.genotype_to_dict(edge_all)})
+    edge_all = model.genotype_edge_all()  # also when a resumed run had nothing left to search
+    genotype = edge_all_to_cell(edge_all)
+    common.plot_alphas(alpha_history[-1], run_dir / "alphas.png", title="softmax(log alpha)")
+    common.plot_alpha_evolution(alpha_history, run_dir / "alpha_evolution.png")
+    common.plot_curves(history, ["train_acc", "val_acc", "child_val_acc"], run_dir / "search_curves.png",
+                       "SNAS search (val = test split, sampled Z; child = argmax)")
+    common.plot_curves(history, ["temperature"], run_dir / "temperature.png", "Gumbel-softmax temperature",
+                       ylabel="lambda")
+    common.plot_curves(history, ["resource_penalty"], run_dir / "resource_penalty.png",
+                       f"resource penalty C(Z) ({args.resource_method})", ylabel="penalty")
+    summary = {"epochs": len(history), "val_acc": history[-1]["val_acc"], "child_val_acc": history[-1]["child_val_acc"],
+               "train_acc": history[-1]["train_acc"], "temperature": history[-1]["temperature"],
+               "seconds": sum(r["seconds"] for r in history),
+               "seconds_per_step": sum(r["seconds_per_step"] for r in history) / len(history),
+               "genotype_edge_all": common.genotype_to_dict(edge_all)}
+    return genotype, summary
+
+
+# =====================================================================================
+# main: search -> derive -> retrain -> test
+# =====================================================================================
+def main(args):
+    device = common.get_device(args.device)
+    if args.resume:
+        args = common.resume_args(args, __file__)  # the run's own flags; checks folder and checkpoints
+    common.check_common_args(args, device)
+    if not 0 < args.temp_min <= args.temp:
+        raise UsageError(f"temperatures must satisfy 0 < --temp-min <= --temp, got {args.temp_min} and {args.temp}")
+    if args.resource_method not in ("reparametrization", "discrete", "policy_gradient"):
+        raise UsageError(f"--resource-method must be reparametrization, discrete or policy_gradient, "
+                         f"got {args.resource_method!r}")
+    if args.resource_lambda < 0:
+        raise UsageError(f"--resource-lambda must be >= 0 (0 = no resource constraint), got {args.resource_lambda}")
+    if args.arch_optimizer not in ("sgd", "adam"):
+        raise UsageError(f"--arch-optimizer must be sgd or adam, got {args.arch_optimizer!r}")
+    if not 0 <= args.search_drop_path_prob < 1:
+        raise UsageError(f"--search-drop-path-prob must be in [0, 1), got {args.search_drop_path_prob}")
+    genotype = parse_genotype(args.genotype) if args.genotype else None  # fail before any work
+    if genotype is not None and args.no_retrain:
+        raise UsageError("--genotype skips the search and --no-retrain skips retraining: nothing to do")
+    rank, world, device = common.setup_distributed(device)
+    if world > 1 and genotype is None:
+        raise UsageError("under torchrun only retraining is distributed: search with one process, then "
+                         "pass --genotype runs/<run>/genotype.json")
+    run_dir, log = common.start_run(args, __file__)
+    common.seed_everything(args.seed, args.torch_deterministic)
+    results = {"method": "snas", "dataset": args.dataset, "seed": args.seed}
+    if genotype is None:
+        genotype, results["search"] = search(args, device, run_dir, log)
+    else:
+        log.info("retraining the given genotype, no search: %s", genotype)
+    results["genotype"] = common.genotype_to_dict(genotype)
+    if rank == 0:
+        common.write_json(run_dir / "genotype.json", results["genotype"])
+        common.plot_genotype(genotype, run_dir / "genotype.png")
+    if not args.no_retrain:
+        results["retrain"] = common.retrain(genotype, args, device, run_dir, log, "snas")
+    if rank != 0:
+        return None
+    if not args.no_retrain:
+        log.info("test accuracy %.2f %% (best %.2f %%), %.3f M params", results["retrain"]["test_acc"],
+                 results["retrain"]["best_test_acc"], results["retrain"]["params_M"])
+    common.write_json(run_dir / "results.json", results)
+    log.info("done: %s", run_dir / "results.json")
+    return results
+
+
+if __name__ == "__main__":
+    common.cli(main, Args)

@@ -1,0 +1,348 @@
+"""gdas.py: the run folder, real-data learning, SIGKILL + resume, bad input, and the GDAS formulas
+(Gumbel-max sampling, straight-through weights, single-path edges, tau schedule, genotype rules)
+against exact autograd, closed forms and counts. Also: GDAS against DARTS at the same config."""
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import darts
+import gdas
+from common import PRIMITIVES
+from conftest import ROOT, TINY, run_script
+from test_runs import kill_when, rows
+
+SEARCH_FILES = ["args.json", "log.txt", "gdas.py", "common.py", "search_history.jsonl", "alphas.jsonl",
+                "genotype.json", "checkpoint_search.pt", "alphas.png", "alpha_evolution.png",
+                "search_curves.png", "genotype.png", "tau.png"]
+RETRAIN_FILES = ["retrain_history.jsonl", "checkpoint_retrain.pt", "retrain_curves.png", "results.json"]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------
+# End to end
+# ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One uninterrupted TINY run on fake data: checked file by file below, and the reference of the
+    SIGKILL + resume test."""
+    out = tmp_path_factory.mktemp("runs")
+    proc = run_script("gdas.py", *TINY, "--out-dir", out, "--run-name", "ref")
+    return proc, out / "ref"
+
+
+def test_search_and_retrain_on_fake_writes_the_run_folder(tiny_run):
+    proc, run_dir = tiny_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in SEARCH_FILES + RETRAIN_FILES:
+        assert (run_dir / name).is_file() and (run_dir / name).stat().st_size > 0, name
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["method"] == "gdas" and results["search"]["epochs"] == 2 and results["search"]["frc"] is False
+    assert results["retrain"]["retrain_epochs"] == 1 and 0 <= results["retrain"]["test_acc"] <= 100
+    history = read_jsonl(run_dir / "search_history.jsonl")
+    assert [r["tau"] for r in history] == [10.0, pytest.approx(0.1)]  # Eq. (8) over 2 epochs: 10, then 0.1
+    alphas = read_jsonl(run_dir / "alphas.jsonl")
+    assert len(alphas) == 2 and [a["tau"] for a in alphas] == [r["tau"] for r in history]
+    for cell in ("normal", "reduce"):
+        w = np.array(alphas[-1]["softmax"][cell])
+        assert w.shape == (14, 8) and np.allclose(w.sum(1), 1)
+        moved = np.abs(np.array(alphas[1]["alpha"][cell]) - np.array(alphas[0]["alpha"][cell])).max()
+        assert 5e-4 < moved < 8 * 3e-4 * 3  # 8 Adam steps of lr 3e-4 in epoch 1
+    ckpt = torch.load(run_dir / "checkpoint_search.pt", weights_only=False)
+    assert ckpt["method"] == "gdas" and ckpt["epoch"] == 1 and ckpt["tau"] == pytest.approx(0.1)
+    assert {"w_optimizer", "a_optimizer", "scheduler", "rng", "generator"} <= set(ckpt)
+    assert np.allclose(ckpt["model"]["alphas_normal"].numpy(), alphas[-1]["alpha"]["normal"])
+    assert np.allclose(ckpt["alphas"]["reduce"].numpy(), alphas[-1]["alpha"]["reduce"])
+    assert ckpt["w_optimizer"]["param_groups"][0]["nesterov"] is True
+    genotype = common.parse_genotype(str(run_dir / "genotype.json"))
+    assert common.genotype_to_dict(genotype) == results["genotype"] == ckpt["genotype"] == history[-1]["genotype"]
+    log = (run_dir / "log.txt").read_text()
+    assert "search epoch 1 step 8/8" in log and "tau 0.100" in log and "test accuracy" in log
+
+
+def test_digits_search_then_retrain_learns(run):
+    """Real data: a broken search or retraining pipeline cannot clear 90 % (chance is 10 %). The
+    supernet itself is not held to a bar: 22 single-path steps leave it near chance on digits."""
+    proc, run_dir = run("gdas.py", "--dataset", "digits", "--device", "cpu", "--workers", "0", "--epochs", "2",
+                        "--batch-size", "64", "--init-channels", "8", "--layers", "5", "--retrain-epochs", "3",
+                        "--retrain-init-channels", "16", "--retrain-layers", "5", "--retrain-batch-size", "32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["search"]["tau"] == pytest.approx(0.1) and results["search"]["epochs"] == 2
+    assert results["retrain"]["test_acc"] > 90, results["retrain"]
+    history = read_jsonl(run_dir / "retrain_history.jsonl")
+    assert [r["epoch"] for r in history] == list(range(3)) and history[-1]["lr"] < history[0]["lr"]
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_run, tmp_path):
+    ref, ref_dir = tiny_run
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "gdas.py"), *TINY, "--out-dir", str(tmp_path), "--run-name", "killed"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(proc, run_dir / "checkpoint_search.pt")  # killed during the search, after epoch 0 (tau 10)
+    assert not (run_dir / "results.json").exists()
+    done = run_script("gdas.py", "--resume", run_dir, "--device", "cpu", "--workers", "0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming the search at epoch" in (run_dir / "log.txt").read_text()
+    for name in ("search_history.jsonl", "alphas.jsonl", "retrain_history.jsonl"):
+        assert rows(run_dir / name) == rows(ref_dir / name), name
+    got, want = (json.loads((d / "results.json").read_text()) for d in (run_dir, ref_dir))
+    for r in (got, want):
+        r["search"] = {k: v for k, v in r["search"].items() if k not in ("seconds", "seconds_per_step")}
+    assert got == want
+
+
+def test_frc_without_no_retrain_is_one_line_and_touches_nothing(tmp_path):
+    proc = run_script("gdas.py", *TINY, "--frc", "--out-dir", tmp_path / "runs")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: --frc") and "--no-retrain" in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--tau-min", "0"], "0 < --tau-min <= --tau-max"),
+    (["--tau-min", "20"], "0 < --tau-min <= --tau-max"),
+    (["--genotype-rule", "top2"], "--genotype-rule must be darts or pairs"),
+    (["--frc", "--no-retrain", "--init-channels", "6"], "divisible by 4"),
+    (["--frc", "--genotype", "GDAS_V1"], "--frc searches the normal cell only"),
+])
+def test_inconsistent_gdas_flags_raise_before_any_folder(tmp_path, flags, needle):
+    args = common.parse_args(gdas.Args, [*map(str, TINY), "--out-dir", str(tmp_path / "runs"), *flags])
+    with pytest.raises(common.UsageError, match=needle.replace("(", r"\(")):
+        gdas.main(args)
+    assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# Eq. (2)-(5): Gumbel-max sample and straight-through weights
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tau", [10.0, 1.0, 0.1])
+def test_sampled_weights_are_one_hot_forward_and_carry_the_softmax_gradient_backward(tau):
+    torch.manual_seed(0)
+    alpha = torch.randn(14, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(14, 8, dtype=torch.float64)  # an arbitrary upstream gradient dL/dh
+    h, index = gdas.gumbel_max_sample(alpha, tau, torch.Generator().manual_seed(1))
+    # forward: exactly one-hot (bit for bit), at the sampled index
+    assert torch.equal(h.detach(), F.one_hot(index, 8).double())
+    (grad,) = torch.autograd.grad((h * v).sum(), alpha)
+    # the same expression by hand, with the same Gumbel noise (same generator seed)
+    gumbel = -torch.empty(14, 8, dtype=torch.float64).exponential_(generator=torch.Generator().manual_seed(1)).log()
+    soft = F.softmax((F.log_softmax(alpha, -1) + gumbel) / tau, -1)
+    assert torch.equal(index, (F.log_softmax(alpha, -1) + gumbel).argmax(-1))
+    (want,) = torch.autograd.grad((soft * v).sum(), alpha)
+    assert torch.allclose(grad, want, rtol=1e-12, atol=1e-15)
+    # closed form: d h~_k / d alpha_j = (1/tau) h~_k (delta_kj - h~_j); log_softmax drops out
+    s = soft.detach()
+    closed = (s * v - s * (s * v).sum(-1, keepdim=True)) / tau
+    # (elementwise cancellation in rows that are nearly one-hot at tau 0.1: compare in norm)
+    assert ((grad - closed).norm() / closed.norm()).item() < 1e-10
+    assert grad.abs().max() > 0  # (at tau 0.1 some rows are nearly one-hot, but not all)
+    # what the test would catch: the hard one-hot alone has no gradient, the soft value is not one-hot
+    assert not torch.equal(s, F.one_hot(index, 8).double())
+
+
+def test_sampling_frequencies_match_softmax_alpha_and_not_tau():
+    g = torch.Generator().manual_seed(0)
+    alpha = torch.tensor([[2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0, 0.2],
+                          [0.0] * 8,
+                          [-3.0, 3.0, 0.0, 1.0, 1.0, 0.0, -1.0, 2.0]])
+    n = 40000
+    p = F.softmax(alpha, -1)
+
+    def chi2(index, probs):  # Pearson statistic summed over the 3 rows: df = 3 * 7 = 21
+        counts = F.one_hot(index, 8).sum(0).double()  # (3, 8)
+        expected = n * probs.double()
+        return ((counts - expected) ** 2 / expected).sum().item()
+
+    _, index = gdas.gumbel_max_sample(alpha.expand(n, 3, 8), tau=1.0, generator=g)
+    freq = F.one_hot(index, 8).double().mean(0)
+    # 21 degrees of freedom: P(chi2 > 55) ~ 1e-4; 5 standard errors per cell
+    assert chi2(index, p) < 55, chi2(index, p)
+    assert (freq - p).abs().max() < 5 * (0.25 / n) ** 0.5
+    # the test has teeth: the same draws are far from softmax(alpha / 2) and from uniform
+    assert chi2(index, F.softmax(alpha / 2, -1)) > 1000 and chi2(index, torch.full((3, 8), 1 / 8)) > 1000
+    # tau changes the gradient, never the sample: same noise, same ops at every tau
+    samples = [gdas.gumbel_max_sample(alpha, tau, torch.Generator().manual_seed(5))[1] for tau in (10.0, 1.0, 0.1)]
+    assert all(torch.equal(s, samples[0]) for s in samples)
+
+
+def test_temperature_is_linear_from_tau_max_to_tau_min():
+    taus = [gdas.temperature(e, 250, 10.0, 0.1) for e in range(250)]
+    assert taus[0] == 10.0 and taus[-1] == pytest.approx(0.1) and np.allclose(np.diff(taus), -9.9 / 249)
+    assert gdas.temperature(0, 1, 10.0, 0.1) == 10.0  # a single epoch searches at tau_max
+
+
+# ----------------------------------------------------------------------------------------
+# Eq. (1), (6): single-path edges and cells
+# ----------------------------------------------------------------------------------------
+def test_edge_runs_only_the_sampled_op_and_its_alpha_gradient_is_the_chain_rule():
+    """Eq. (6): out = h^{k*} O^{k*}(x), so dL/dalpha = <dL/dout, O^{k*}(x)> * d h~_{k*} / d alpha."""
+    torch.manual_seed(1)
+    op = gdas.MixedOp(4, 1).double().train()
+    x, v = torch.randn(2, 4, 6, 6, dtype=torch.float64), torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    alpha = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    calls = []
+    for k, o in enumerate(op.ops):
+        o.register_forward_hook(lambda m, i, out, k=k: calls.append(k))
+    h, index = gdas.gumbel_max_sample(alpha, 0.5, torch.Generator().manual_seed(3))
+    k = int(index)
+    out = op(x, h, k)
+    assert calls == [k] and torch.equal(out, op.ops[k](x))  # one op run, scaled by exactly 1
+    (grad,) = torch.autograd.grad((out * v).sum(), alpha)
+    gumbel = -torch.empty(8, dtype=torch.float64).exponential_(generator=torch.Generator().manual_seed(3)).log()
+    soft = F.softmax((F.log_softmax(alpha, -1) + gumbel) / 0.5, -1)
+    (d_soft_k,) = torch.autograd.grad(soft[k], alpha)
+    assert torch.allclose(grad, (v * op.ops[k](x)).sum() * d_soft_k, rtol=1e-10, atol=1e-14)
+
+
+def count_op_calls(model, x):
+    """Forward passes of candidate ops (the modules inside MixedOps) in one forward of model."""
+    calls = []
+    hooks = [o.register_forward_hook(lambda *a: calls.append(1)) for m in model.modules()
+             if isinstance(m, (darts.MixedOp, gdas.MixedOp)) for o in m.ops]
+    model(x)
+    for hk in hooks:
+        hk.remove()
+    return len(calls)
+
+
+def saved_tensor_bytes(model, x, y):
+    """Bytes of the distinct storages autograd saves for backward in one training forward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return sum(storages.values())
+
+
+def search_step(model, w_opt, a_opt, x, y):
+    """One search iteration as both files run it: a weight step and a first-order architecture step,
+    each one forward + backward (gdas.search_epoch's order; darts.py does the two in the other order)."""
+    w_opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    w_opt.step()
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), model.arch_parameters())
+    for a, g in zip(model.arch_parameters(), grads):
+        a.grad = g
+    a_opt.step()
+
+
+def step_cost(module, C=4, layers=3, batch=8, size=8, repeats=3, device="cpu"):
+    """(min seconds per search step over repeats after a warm-up, op calls per forward, bytes saved for
+    backward) for module.Network at one config; the same data and steps for darts and gdas."""
+    torch.manual_seed(0)
+    device = torch.device(device)
+    model = module.Network(C, 10, layers).to(device).train()
+    x, y = torch.randn(batch, 3, size, size, device=device), torch.randint(0, 10, (batch,), device=device)
+    w_opt = torch.optim.SGD(model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+    a_opt = torch.optim.Adam(model.arch_parameters(), 3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    search_step(model, w_opt, a_opt, x, y)  # warm-up (allocator, cuDNN)
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        search_step(model, w_opt, a_opt, x, y)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return min(times), count_op_calls(model, x), saved_tensor_bytes(model, x, y)
+
+
+def test_gdas_step_runs_one_op_per_edge_and_is_faster_and_smaller_than_darts():
+    t_darts, ops_darts, mem_darts = step_cost(darts)
+    t_gdas, ops_gdas, mem_gdas = step_cost(gdas)
+    print(f"\nsearch step, C=4, 3 cells, batch 8, 8x8, CPU: DARTS {t_darts * 1e3:.0f} ms, {ops_darts} op calls, "
+          f"{mem_darts / 2**20:.1f} MiB saved for backward; GDAS {t_gdas * 1e3:.0f} ms, {ops_gdas} op calls, "
+          f"{mem_gdas / 2**20:.1f} MiB ({t_gdas / t_darts:.2f}x time, {mem_gdas / mem_darts:.2f}x memory)")
+    # deterministic: 3 cells x 14 edges, all 8 ops in DARTS, the sampled one in GDAS
+    assert ops_darts == 3 * 14 * 8 and ops_gdas == 3 * 14
+    # measured about 0.15x in both; the margins leave room for a noisy shared machine
+    assert mem_gdas < 0.4 * mem_darts
+    assert t_gdas < 0.6 * t_darts
+
+
+def test_one_sample_per_forward_shared_by_all_cells_of_a_type():
+    torch.manual_seed(2)
+    model = gdas.Network(4, 10, 5).train()  # cells 0, 2, 4 normal; 1, 3 reduction
+    chosen = []
+    for cell in model.cells:
+        for e, edge in enumerate(cell.edges):
+            for k, o in enumerate(edge.ops):
+                o.register_forward_hook(lambda m, i, out, c=cell.reduction, e=e, k=k: chosen.append((c, e, k)))
+    model(torch.randn(2, 3, 16, 16))
+    ops = [[k for _, _, k in chosen[i * 14:(i + 1) * 14]] for i in range(5)]  # per cell, in edge order
+    assert len(chosen) == 5 * 14 and ops[0] == ops[2] == ops[4] and ops[1] == ops[3] and ops[0] != ops[1]
+
+
+def test_frc_supernet_searches_the_normal_cell_only():
+    torch.manual_seed(3)
+    model = gdas.Network(4, 10, 3, frc=True).train()
+    assert [type(c).__name__ for c in model.cells] == ["SearchCell", "FixedReductionCell", "FixedReductionCell"]
+    assert len(model.arch_parameters()) == 1 and "alphas_reduce" not in model.state_dict()
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    cell = model.cells[1]
+    assert cell(torch.randn(2, 12, 16, 16), torch.randn(2, 16, 16, 16)).shape == (2, 32, 8, 8)  # stem 3C, cell 0 4C
+    g = model.genotype()
+    assert len(g.normal) == 8 and g.reduce == [] and list(model.arch_weights()) == ["normal"]
+
+
+# ----------------------------------------------------------------------------------------
+# Genotype rules and the published cell
+# ----------------------------------------------------------------------------------------
+def test_derive_genotype_on_hand_made_alpha_both_rules():
+    idx = {p: i for i, p in enumerate(PRIMITIVES)}
+    w = torch.full((14, 8), 0.1)
+    # node 2 (edges 0-1): edge 0 has the two best ops of the node; 'none' is largest but excluded
+    w[0, idx["none"]], w[0, idx["sep_conv_3x3"]], w[0, idx["skip_connect"]] = 0.9, 0.6, 0.5
+    w[1, idx["max_pool_3x3"]] = 0.3
+    # node 3 (edges 2-4): state 2 (0.8) and state 0 (0.6) beat state 1 (0.2)
+    w[2, idx["dil_conv_3x3"]], w[3, idx["max_pool_3x3"]], w[4, idx["sep_conv_5x5"]] = 0.6, 0.2, 0.8
+    # node 4 (edges 5-8): edge 8 has the two best ops
+    w[8, idx["dil_conv_5x5"]], w[8, idx["avg_pool_3x3"]], w[6, idx["skip_connect"]] = 0.7, 0.65, 0.3
+    # node 5 (edges 9-13): tie 0.5 / 0.5 on states 1 and 3 goes to the lower index
+    w[10, idx["sep_conv_3x3"]], w[12, idx["skip_connect"]] = 0.5, 0.5
+    g = gdas.derive_genotype(w, w)
+    assert g.normal == [("sep_conv_3x3", 0), ("max_pool_3x3", 1), ("sep_conv_5x5", 2), ("dil_conv_3x3", 0),
+                        ("dil_conv_5x5", 3), ("skip_connect", 1), ("sep_conv_3x3", 1), ("skip_connect", 3)]
+    assert g.reduce == g.normal and g.normal_concat == g.reduce_concat == [2, 3, 4, 5]
+    p = gdas.derive_genotype(w, w, rule="pairs")  # AutoDL: the two best (op, input) pairs, any inputs
+    assert p.normal == [("sep_conv_3x3", 0), ("skip_connect", 0), ("sep_conv_5x5", 2), ("dil_conv_3x3", 0),
+                        ("dil_conv_5x5", 3), ("avg_pool_3x3", 3), ("sep_conv_3x3", 1), ("skip_connect", 3)]
+    assert g.normal == darts.derive_genotype(w, w).normal  # the DARTS rule is DARTS's rule
+    assert gdas.derive_genotype(w, None).reduce == []  # FRC
+
+
+def test_published_gdas_v1_has_the_papers_parameter_count():
+    """Reference number: GDAS_V1 at C=36, 20 cells (2019 train-cifar.sh) is the paper's 3.4M
+    (3.37M here, auxiliary head excluded)."""
+    net = common.NetworkCIFAR(36, 10, 20, True, common.GENOTYPES["GDAS_V1"])
+    assert common.count_parameters(net) == pytest.approx(3.37, abs=0.01)
+
+
+# paper-scale comparison, run alone: PYTHONPATH=.:tests python tests/test_gdas.py cuda 16 8 64 32
+if __name__ == "__main__":
+    device, C, layers, batch, size = sys.argv[1], *map(int, sys.argv[2:6])
+    for module in (darts, gdas):
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        t, ops, mem = step_cost(module, C, layers, batch, size, repeats=10, device=device)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+        print(f"{module.__name__:5s} C={C} cells={layers} batch={batch} {size}x{size} {device}: {t * 1e3:.1f} ms/step "
+              f"(min of 10), {ops} op calls/forward, {mem / 2**30:.3f} GiB saved for backward, "
+              f"peak CUDA memory {peak:.2f} GiB")
