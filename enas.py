@@ -1,0 +1,616 @@
+"""ENAS: Efficient Neural Architecture Search via Parameter Sharing (micro / convolutional-cell space).
+
+Hieu Pham, Melody Y. Guan, Barret Zoph, Quoc V. Le, Jeff Dean. ICML 2018. arXiv:1802.03268,
+https://arxiv.org/abs/1802.03268. Official code: melodyguan/enas @ 4bcfd73 (TensorFlow 1, Python 2),
+checked against src/cifar10/micro_controller.py, micro_child.py, main.py, src/utils.py,
+src/common_ops.py and scripts/cifar10_micro_{search,final}.sh.
+
+Reproduce the paper (search, pick the cell, retrain, test on CIFAR-10):
+    python enas.py                                  # 150-epoch search, then retrain the best sampled cell
+    python enas.py --genotype ENAS                  # retrain the paper's figure cell only
+    python enas.py --genotype "0 2 0 0 0 4 0 1 0 4 1 1 1 0 0 1 0 2 1 1 1 0 1 0 0 3 0 2 1 1 3 1 1 0 0 4 0 3 1 1"
+                        # an ENAS arc, normal then reduce cell (here the official final script's fixed_arc)
+    python enas.py --controller-train-steps 0       # ablation: weight sharing with the untrained policy
+
+Equations implemented. The paper numbers only Eq. (1); (2)-(8) are our labels for the unnumbered
+formulas of the paper and the official code, the same labels as in notebooks/enas.ipynb:
+    Eq. (1)  grad_w E_{m~pi}[L(m; w)] ~ 1/M sum_i grad_w L(m_i; w), M = 1     -> train_child_epoch
+    Eq. (2)  grad_theta E_{m~pi}[R] ~ (R - b) grad_theta log pi(m; theta)     -> reinforce_loss
+    Eq. (3)  b <- b - (1 - bl_dec)(b - R), updated before the advantage      -> update_baseline
+    Eq. (4)  R = acc(m, one val minibatch) + w_H * H[pi(.; theta)]           -> train_controller
+    Eq. (5)  logits = C * tanh(l / T) (op logits: C / op_tanh_reduce)       -> shape_logits
+    Eq. (6)  log pi(m) = sum_decisions log softmax(logits)[a],  H = sum -p log p -> Controller.forward
+    Eq. (7)  index logits v' tanh(W1 h_j + W2 h_t) over the earlier nodes j   -> Controller._cell
+    Eq. (8)  node = op_a(x_i) + op_b(x_j); cell output = the loose ends, concatenated -> EnasCell.forward
+    paper, "deriving architectures": sample several, keep the best reward on one val minibatch -> derive
+
+Deviations from the paper (each is what the official code does, unless marked "ours"):
+    1. The controller is a 1-layer LSTM with 64 units and no biases, all weights U(-0.1, 0.1), op-logit
+       bias initialised to [10, 10, 0, 0, 0] and a fixed [0.25, 0.25, -0.25, -0.25, -0.25] added to
+       normal-cell op logits (paper: 100 units [mem]). Adam lr 0.0035, beta1 0, eps 1e-3; tanh
+       constant 1.10 (op logits 1.10 / 2.5), no temperature; entropy weight 1e-4; baseline decay
+       0.99 (paper [mem, unverified]: lr 0.00035, tanh constant 2.5, temperature 5.0; the authors
+       say they retuned, melodyguan/enas#11). The bias of 10 saturates the tanh: the sep-conv op logits
+       stay at 0.44 with zero gradient, which keeps every op probability in a narrow band (notebook sec. 2).
+    2. The entropy bonus enters only through the reward, Eq. (4), with the entropy held constant
+       (stop-gradient), not as a separate loss term.
+    3. The controller trains after every child epoch: 30 Adam steps, each on the mean loss of 10
+       sampled cells (SyncReplicasOptimizer with 10 aggregated gradients); every sample gets its
+       own val minibatch and updates the baseline, in order.
+    4. Child training (Eq. (1), M = 1): a fresh cell per minibatch, SGD Nesterov 0.9, SGDR cosine
+       0.05 -> 0.0005 with restarts (T0 10, Tmul 2), L2 1e-4 in the loss = weight_decay 2e-4 on every
+       weight incl. BN, dropout 0.1 before the classifier, auxiliary head (weight 0.4), 45K/5K split
+       of the training set (the last 5K validate), no cutout, no drop-path during search.
+    5. ours: no gradient clipping by default. The official code sets --child_grad_bound 5 with
+       clip_mode="norm", but get_train_ops appends the unclipped gradient, so nothing is clipped
+       (card §3.7); --grad-clip 5 clips the global norm as the flag meant to.
+    6. ours: the shared network follows the official child but reuses DARTS pieces where they do
+       the same job: common.cell_preprocess (ReLU-1x1-BN, FactorizedReduce after a reduction; the
+       official code skips the 1x1 when widths already match); a reduction cell applies stride 2 to
+       ops reading the cell inputs, as the official fixed network and common.Cell do (the official
+       search network instead factor-reduces the previous output first and runs the reduce cell at
+       stride 1); common.AuxiliaryHeadCIFAR, placed after the cell that follows the 2nd reduction
+       as in micro_child.py; PyTorch default weight init (official: He normal).
+    7. Every (node, input slot, input state) has its own five ops, as the official weights are
+       per-slot and sliced by input index. All BNs use batch statistics during search, also when
+       the reward is computed (official is_training=True); ours: the reward is computed without
+       dropout (the official reward pass keeps dropout 0.1 on).
+    8. ours: loose ends are the computed nodes no node reads. The official code also concatenates
+       an unused cell input (factor-reduced in a reduction cell); common.Cell cannot, so it is
+       left out in search and retraining alike.
+    9. ours: reward minibatches come from the augmented val half (common.search_loaders, random
+       crop and flip for CIFAR); the official reward pass reads unaugmented val images.
+   10. Derivation: every epoch, --derive-samples 10 cells (main.py prints 10 with their val-minibatch
+       accuracy) are scored on one val minibatch; the best of the last epoch is the result. ours:
+       all candidates share one minibatch (official: a fresh one each); the paper says "several".
+   11. ours: retraining is common.retrain, the DARTS-protocol NetworkCIFAR built from the cell as a
+       Genotype (skip_connect = identity, concat = loose ends), not ENAS's own fixed child network
+       (which adds a 1x1 base conv per cell and concatenates unused inputs). The defaults are the
+       final script's where common.retrain has the knob: 630 epochs, batch 144, lr 0.05, weight
+       decay 4e-4 (L2 2e-4), C 36, 15 + 2 = 17 cells (reductions at cells 5 and 11 as in the official
+       network); auxiliary 0.4 and cutout 16 (the paper's 2.89 % needs cutout, the script lacks it,
+       melodyguan/enas#39). Not reproduced: Nesterov, SGDR restarts to 1e-4, dropout 0.2 before the
+       classifier, the depth-scaled drop-path (keep 0.6 at the last cell; ours 0.2 everywhere, about
+       its average over the 17 cells), and clipping is at 5 (grad_clip of common.retrain).
+   12. ours: alphas.jsonl holds, per epoch, the policy's marginal probabilities estimated from
+       --stat-samples cells: the mean over samples of each decision's softmax (an unbiased,
+       Rao-Blackwellised estimate of P(decision), exact given the sampled prefix), and the expected
+       number of times each (input, op) pair feeds each node.
+   13. ours: --amp (bfloat16 autocast, CUDA only) for the shared network and retraining; the
+       controller always runs in float32.
+   Not verified against the paper PDF (no full text was readable here): the section numbers, the
+   paper-side hyperparameters in 1, and what its 4.6 M parameters count (notebooks/enas.ipynb, sec. 6).
+
+Runs: --resume RUN_DIR continues a killed run (controller, its Adam state and the baseline are in
+the checkpoint); under torchrun only retraining is distributed (README.md).
+"""
+
+import dataclasses
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import OPS, Genotype, UsageError, arg
+
+ENAS_OPS = ["sep_conv_3x3", "sep_conv_5x5", "avg_pool_3x3", "max_pool_3x3", "skip_connect"]  # official ids 0..4
+
+
+# =====================================================================================
+# Args
+# =====================================================================================
+@dataclasses.dataclass
+class Args(common.BaseArgs):
+    exp_name: str = arg("enas", "name of the method; prefix of the run folder", "run")
+    # Algorithm specific arguments (melodyguan/enas scripts/cifar10_micro_search.sh unless noted)
+    epochs: int = arg(150, "micro_search.sh --num_epochs=150")
+    batch_size: int = arg(160, "micro_search.sh --batch_size=160 (child steps and reward minibatches)")
+    lr: float = arg(0.05, "micro_search.sh --child_lr_max=0.05 (SGDR: cosine with warm restarts)")
+    lr_min: float = arg(0.0005, "micro_search.sh --child_lr_min=0.0005")
+    lr_t0: int = arg(10, "micro_search.sh --child_lr_T_0=10 (epochs in the first cosine period)")
+    lr_t_mul: int = arg(2, "micro_search.sh --child_lr_T_mul=2 (restarts at epochs 10, 30, 70)")
+    momentum: float = arg(0.9, "utils.py get_train_ops: momentum 0.9, Nesterov")
+    weight_decay: float = arg(2e-4, "2 x micro_search.sh --child_l2_reg=1e-4 (TF adds l2 * sum w^2 to the loss)")
+    init_channels: int = arg(20, "micro_search.sh --child_out_filters=20")
+    layers: int = arg(8, "cells: micro_search.sh --child_num_layers=6 normal + 2 reduction (micro_child.py)")
+    nodes: int = arg(5, "micro_search.sh --child_num_cells=5 computed nodes per cell (B = nodes + 2)")
+    dropout: float = arg(0.1, "1 - micro_search.sh --child_keep_prob=0.90 (before the classifier)")
+    search_auxiliary: bool = arg(True, "micro_search.sh --child_use_aux_heads (weight --auxiliary-weight)")
+    grad_clip: float = arg(0.0, "0 = off: the official clip is a no-op (Deviation 5); 5 = --child_grad_bound")
+    train_portion: float = arg(0.9, "data_utils.py num_valids=5000: the last 5K of 50K validate")
+    lstm_size: int = arg(64, "main.py lstm_size=64, lstm_num_layers=1 (paper: 100 units [mem])")
+    controller_lr: float = arg(0.0035, "micro_search.sh --controller_lr=0.0035 (Adam, beta1 0, eps 1e-3)")
+    controller_train_steps: int = arg(30, "micro_search.sh --controller_train_steps=30 updates per epoch "
+                                      "(0 = never train the controller)")
+    controller_num_aggregate: int = arg(10, "micro_search.sh --controller_num_aggregate=10 cells per update")
+    entropy_weight: float = arg(1e-4, "micro_search.sh --controller_entropy_weight=0.0001 (reward bonus)")
+    bl_dec: float = arg(0.99, "main.py --controller_bl_dec=0.99 (baseline decay)")
+    tanh_constant: float = arg(1.10, "micro_search.sh --controller_tanh_constant=1.10 (paper: 2.5 [mem]); 0 = no tanh")
+    op_tanh_reduce: float = arg(2.5, "micro_search.sh --controller_op_tanh_reduce=2.5 (op logits: C / 2.5)")
+    temperature: float = arg(0.0, "--controller_temperature, unset in micro_search.sh (paper: 5 [mem]); 0 = none")
+    derive_samples: int = arg(10, "main.py: 10 sampled cells scored on a val minibatch per epoch; best is kept")
+    stat_samples: int = arg(100, "ours: sampled cells per epoch behind the marginals in alphas.jsonl")
+    # retraining: scripts/cifar10_micro_final.sh where common.retrain has the knob (Deviation 11)
+    retrain_epochs: int = arg(630, "micro_final.sh --num_epochs=630", "retrain")
+    retrain_batch_size: int = arg(144, "micro_final.sh --batch_size=144", "retrain")
+    retrain_lr: float = arg(0.05, "micro_final.sh --child_lr_max=0.05 (here cosine to 0)", "retrain")
+    retrain_weight_decay: float = arg(4e-4, "2 x micro_final.sh --child_l2_reg=2e-4", "retrain")
+    retrain_layers: int = arg(17, "micro_final.sh --child_num_layers=15 + 2 reduction cells", "retrain")
+
+
+# =====================================================================================
+# Search space: the controller and the shared network
+# =====================================================================================
+def shape_logits(logits, tanh_constant, temperature):
+    """Eq. (5), official order (micro_controller.py): divide by T, then squash into (-C, C)."""
+    if temperature > 0:
+        logits = logits / temperature
+    if tanh_constant > 0:
+        # ALGO LOGIC: Eq. (5): logits = C * tanh(l / T)
+        logits = tanh_constant * torch.tanh(logits)
+    return logits
+
+
+class Controller(nn.Module):
+    """The LSTM policy pi(m; theta). Per cell: two warm-up steps give the anchors of the cell inputs
+    (zero vectors as feedback, h W1 as attention keys), then per node four decisions, in this order:
+    input 1, input 2 (attention over the anchors, Eq. (7)), op 1, op 2 (softmax over ENAS_OPS), and
+    one more step whose output is the node's anchor. The reduce cell continues the LSTM state."""
+
+    def __init__(self, nodes=5, lstm_size=64, tanh_constant=1.10, op_tanh_reduce=2.5, temperature=0.0):
+        super().__init__()
+        H, K = lstm_size, len(ENAS_OPS)
+        self.nodes, self.temperature = nodes, temperature
+        self.tanh_constant, self.op_tanh = tanh_constant, tanh_constant / op_tanh_reduce
+        self.lstm = nn.LSTMCell(H, H, bias=False)  # common_ops.py stack_lstm: no biases
+        self.g_emb = nn.Parameter(torch.empty(1, H))  # input of the first step of every node
+        self.w_emb = nn.Embedding(K, H)  # feedback after an op decision
+        self.w_soft = nn.Linear(H, K)  # op logits; its bias is b_soft
+        self.w_attn1, self.w_attn2 = nn.Linear(H, H, bias=False), nn.Linear(H, H, bias=False)
+        self.v_attn = nn.Linear(H, 1, bias=False)
+        for p in self.parameters():
+            nn.init.uniform_(p, -0.1, 0.1)
+        with torch.no_grad():  # Deviation 1: favour the two sep convs at the start
+            self.w_soft.bias.copy_(torch.tensor([10.0, 10.0] + [0.0] * (K - 2)))
+        self.register_buffer("b_soft_no_learn", torch.tensor([0.25, 0.25] + [-0.25] * (K - 2)), persistent=False)
+
+    def forward(self, batch=1, arcs=None):
+        """Sample `batch` architectures, or score the given ones (arcs=(normal, reduce), (B, 4*nodes)
+        each). Returns arcs, log_prob (B,), entropy (B,) and, per cell, the softmax of every
+        decision in arc order [idx1, op1, idx2, op2, ...] (list of (B, n_choices))."""
+        h = c = self.g_emb.new_zeros(batch, self.g_emb.shape[1])
+        seqs, probs, log_prob, entropy = [], [], 0.0, 0.0
+        for k, normal in enumerate((True, False)):  # the reduce cell continues the normal cell's LSTM state
+            seq, lp, ent, p, h, c = self._cell(batch, h, c, normal, None if arcs is None else arcs[k])
+            seqs.append(seq)
+            probs.append(p)
+            log_prob, entropy = log_prob + lp, entropy + ent
+        return tuple(seqs), log_prob, entropy, probs
+
+    def _decide(self, logits, given):
+        """Sample (or take `given`); Eq. (6) terms: log-prob of the choice and entropy of the softmax."""
+        log_p = F.log_softmax(logits, dim=-1)  # (B, n_choices)
+        a = torch.multinomial(log_p.exp(), 1).squeeze(1) if given is None else given
+        # ALGO LOGIC: Eq. (6): log pi += log softmax(logits)[a];  H += -sum p log p (no gradient)
+        return a, log_p.gather(1, a[:, None]).squeeze(1), -(log_p.exp() * log_p).sum(-1).detach(), log_p.exp()
+
+    def _cell(self, B, h, c, normal, given):
+        inputs = self.g_emb.expand(B, -1)
+        anchors, keys = [], []  # per state: feedback vector (B, H) and attention key W1 h (B, H)
+        for _ in range(2):  # the two cell inputs
+            h, c = self.lstm(inputs, (h, c))
+            anchors.append(torch.zeros_like(h))
+            keys.append(self.w_attn1(h))
+        seq, probs = [None] * (4 * self.nodes), [None] * (4 * self.nodes)
+        log_prob, entropy = h.new_zeros(B), h.new_zeros(B)
+        rows = torch.arange(B, device=h.device)
+        for i in range(self.nodes):
+            for slot in range(2):  # input 1, input 2: positions 4i, 4i+2 of the arc
+                pos = 4 * i + 2 * slot
+                h, c = self.lstm(inputs, (h, c))
+                # ALGO LOGIC: Eq. (7): logit_j = v' tanh(W1 h_j + W2 h_t) over states j < i + 2
+                query = torch.tanh(torch.stack(keys, 1) + self.w_attn2(h)[:, None])  # (B, i+2, H)
+                logits = shape_logits(self.v_attn(query).squeeze(-1), self.tanh_constant, self.temperature)
+                seq[pos], lp, ent, probs[pos] = self._decide(logits, None if given is None else given[:, pos])
+                log_prob, entropy = log_prob + lp, entropy + ent
+                inputs = torch.stack(anchors, 1)[rows, seq[pos]]  # (B, H): the chosen state's anchor
+            for slot in range(2):  # op 1, op 2: positions 4i+1, 4i+3
+                pos = 4 * i + 2 * slot + 1
+                h, c = self.lstm(inputs, (h, c))
+                # Eq. (5) with C / op_tanh_reduce; the normal cell adds its fixed offset after the tanh
+                logits = shape_logits(self.w_soft(h), self.op_tanh, self.temperature)  # (B, n_ops)
+                if normal:
+                    logits = logits + self.b_soft_no_learn
+                seq[pos], lp, ent, probs[pos] = self._decide(logits, None if given is None else given[:, pos])
+                log_prob, entropy = log_prob + lp, entropy + ent
+                inputs = self.w_emb(seq[pos])
+            h, c = self.lstm(inputs, (h, c))  # the node's own anchor
+            anchors.append(h)
+            keys.append(self.w_attn1(h))
+            inputs = self.g_emb.expand(B, -1)
+        return torch.stack(seq, 1), log_prob, entropy, probs, h, c  # seq: (B, 4*nodes)
+
+
+def loose_ends(cell_arc):
+    """Computed nodes (states 2 .. nodes+1) that no node reads: the cell's output (Deviation 8)."""
+    nodes = len(cell_arc) // 4
+    used = {int(cell_arc[4 * i + 2 * s]) for i in range(nodes) for s in range(2)}
+    return [k for k in range(2, nodes + 2) if k not in used]
+
+
+class EnasCell(nn.Module):
+    """The shared cell: every (node i, input slot s, input state j) owns the five ENAS ops; a
+    forward runs only the two ops per node that the arc names (Eq. (8)). The loose ends go
+    through ReLU, one 1x1 conv whose weight is sliced per state (micro_child.py final_conv), BN."""
+
+    def __init__(self, nodes, C_prev_prev, C_prev, C, reduction, reduction_prev):
+        super().__init__()
+        self.reduction, self.nodes, self.C = reduction, nodes, C
+        self.preprocess0, self.preprocess1 = common.cell_preprocess(C_prev_prev, C_prev, C, reduction_prev)
+        self.ops = nn.ModuleList(  # ops[i][slot][j][k]; Deviation 6: stride 2 on the cell inputs of a reduction
+            nn.ModuleList(nn.ModuleList(nn.ModuleList(OPS[name](C, 2 if reduction and j < 2 else 1, True)
+                                                      for name in ENAS_OPS) for j in range(i + 2))
+                          for _ in range(2)) for i in range(nodes))
+        self.final_conv = nn.Parameter(torch.randn(nodes, C, C) * (2.0 / C) ** 0.5)  # one (C, C) 1x1 per node
+        self.final_bn = nn.BatchNorm2d(C)
+
+    def forward(self, s0, s1, cell_arc):  # cell_arc: 4*nodes ints [idx1, op1, idx2, op2, ...]
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        for i in range(self.nodes):
+            j1, k1, j2, k2 = cell_arc[4 * i:4 * i + 4]
+            # ALGO LOGIC: Eq. (8): node = op_a(x_i) + op_b(x_j), each op with its own (node, slot, input) weights
+            states.append(self.ops[i][0][j1][k1](states[j1]) + self.ops[i][1][j2][k2](states[j2]))
+        loose = loose_ends(cell_arc)
+        # ALGO LOGIC: Eq. (8): output = BN(conv1x1(ReLU(concat(loose ends)))) with the loose ends' weight slices
+        w = self.final_conv[[k - 2 for k in loose]].transpose(0, 1).reshape(self.C, len(loose) * self.C, 1, 1)
+        out = torch.cat([states[k] for k in loose], dim=1)  # (B, len(loose)*C, H, W)
+        return self.final_bn(F.conv2d(F.relu(out), w))  # (B, C, H, W)
+
+
+class Network(nn.Module):
+    """The shared child network: stem, `layers` EnasCells (all normal cells follow the normal arc,
+    all reduction cells the reduce arc), optional auxiliary head, ReLU, global pool, dropout, linear."""
+
+    def __init__(self, C, num_classes, layers, nodes=5, stem_multiplier=3, auxiliary=True, dropout=0.1):
+        super().__init__()
+        C_curr = stem_multiplier * C
+        self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for i in range(layers):
+            reduction = i in common.reduction_layers(layers)
+            C_curr = C_curr * 2 if reduction else C_curr
+            self.cells.append(EnasCell(nodes, C_prev_prev, C_prev, C_curr, reduction, reduction_prev))
+            reduction_prev = reduction
+            C_prev_prev, C_prev = C_prev, C_curr  # the cell output is C_curr wide (final_conv)
+            if i == min(common.reduction_layers(layers)[1] + 1, layers - 1):  # micro_child.py aux_head_indices
+                self.aux_index, C_aux = i, C_prev
+        self.auxiliary_head = common.AuxiliaryHeadCIFAR(C_aux, num_classes) if auxiliary else None
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(C_prev, num_classes, bias=False)
+        for m in self.modules():  # Deviation 7: batch statistics always, in train and eval mode
+            if isinstance(m, nn.BatchNorm2d):
+                m.track_running_stats, m.running_mean, m.running_var, m.num_batches_tracked = False, None, None, None
+
+    def forward(self, x, arc):  # arc = (normal cell arc, reduce cell arc), lists of ints
+        logits_aux = None
+        s0 = s1 = self.stem(x)
+        for i, cell in enumerate(self.cells):
+            s0, s1 = s1, cell(s0, s1, arc[1] if cell.reduction else arc[0])
+            if i == self.aux_index and self.auxiliary_head is not None and self.training:
+                logits_aux = self.auxiliary_head(s1)
+        out = F.adaptive_avg_pool2d(F.relu(s1), 1).flatten(1)  # (B, C_prev)
+        return self.classifier(self.dropout(out)), logits_aux
+
+
+def arc_at(arcs, b):
+    """Row b of a batch of sampled arcs as the (normal, reduce) lists of ints the network takes."""
+    return arcs[0][b].tolist(), arcs[1][b].tolist()
+
+
+# =====================================================================================
+# Architecture update rule: REINFORCE with a moving-average baseline
+# =====================================================================================
+def update_baseline(baseline, reward, bl_dec):
+    # ALGO LOGIC: Eq. (3): b <- b - (1 - bl_dec) * (b - R)
+    return baseline - (1.0 - bl_dec) * (baseline - reward)
+
+
+def reinforce_loss(log_prob, advantage):
+    """Eq. (2): the gradient of mean_i -(R_i - b_i) log pi(m_i) is the REINFORCE estimate (averaged over
+    the aggregated samples); the advantage is a constant."""
+    # ALGO LOGIC: Eq. (2): loss = -(R - b) * log pi(m; theta)
+    return -(advantage.detach() * log_prob).mean()
+
+
+def train_controller(model, controller, c_optimizer, baseline, val_iter, device, args, log, epoch):
+    """Deviation 3: controller_train_steps Adam steps, each on controller_num_aggregate cells; every
+    cell is scored on its own val minibatch. Returns the new baseline and epoch means."""
+    model.eval()  # no dropout in the reward pass (Deviation 7); BN keeps batch statistics
+    controller.train()
+    rewards, accs, losses, entropies = [], [], [], []
+    for step in range(args.controller_train_steps):
+        arcs, log_prob, entropy, _ = controller(args.controller_num_aggregate)
+        advantages = []
+        for b in range(args.controller_num_aggregate):
+            x, y = (t.to(device, non_blocking=True) for t in next(val_iter))
+            with torch.no_grad(), common.autocast(device, args.amp):
+                logits, _ = model(x, arc_at(arcs, b))
+            acc = (logits.argmax(1) == y).float().mean().item()
+            # ALGO LOGIC: Eq. (4): R = val-minibatch accuracy + w_H * H (entropy as a constant)
+            reward = acc + args.entropy_weight * entropy[b].item()
+            baseline = update_baseline(baseline, reward, args.bl_dec)  # Eq. (3), before the advantage
+            advantages.append(reward - baseline)
+            rewards.append(reward)
+            accs.append(acc)
+        loss = reinforce_loss(log_prob, torch.tensor(advantages, device=log_prob.device))
+        c_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        c_optimizer.step()
+        losses.append(loss.item())
+        entropies += entropy.tolist()
+        if (step + 1) % args.report_freq == 0 or step + 1 == args.controller_train_steps:
+            log.info("controller epoch %d step %d/%d reward %.4f baseline %.4f entropy %.2f", epoch, step + 1,
+                     args.controller_train_steps, sum(rewards) / len(rewards), baseline, entropy.mean().item())
+    def mean(v):
+        return sum(v) / len(v) if v else None
+
+    return baseline, {"reward": mean(rewards), "reward_acc": mean(accs), "controller_loss": mean(losses),
+                      "entropy": mean(entropies), "baseline": baseline}
+
+
+# =====================================================================================
+# Genotype derivation
+# =====================================================================================
+def arc_to_genotype(arc):
+    """(normal arc, reduce arc) -> Genotype: the two (op, input) pairs of every node in arc order,
+    concat = the loose ends (Deviation 8); skip_connect is the identity (stride 1)."""
+    def pairs(cell_arc):
+        return [(ENAS_OPS[int(cell_arc[4 * i + 2 * s + 1])], int(cell_arc[4 * i + 2 * s]))
+                for i in range(len(cell_arc) // 4) for s in range(2)]
+
+    return Genotype(normal=pairs(arc[0]), normal_concat=loose_ends(arc[0]),
+                    reduce=pairs(arc[1]), reduce_concat=loose_ends(arc[1]))
+
+
+def parse_arc(text, nodes=5):
+    """An ENAS arc as the official --child_fixed_arc writes it: 4*nodes ints for the normal cell,
+    then 4*nodes for the reduce cell. Returns (normal, reduce) or raises UsageError."""
+    try:
+        v = [int(t) for t in text.split()]
+    except ValueError:
+        raise UsageError(f"an ENAS arc is whitespace-separated integers, got {text!r}") from None
+    if len(v) != 8 * nodes:
+        raise UsageError(f"an ENAS arc with {nodes} nodes needs {8 * nodes} numbers (normal then reduce), "
+                         f"got {len(v)}")
+    for pos, a in enumerate(v):
+        i, is_op = (pos % (4 * nodes)) // 4, pos % 2
+        if not 0 <= a < (len(ENAS_OPS) if is_op else i + 2):
+            raise UsageError(f"ENAS arc entry {pos} = {a}: node {i + 2} can read states 0..{i + 1}, ops are "
+                             f"0..{len(ENAS_OPS) - 1}")
+    return v[:4 * nodes], v[4 * nodes:]
+
+
+@torch.no_grad()
+def derive(model, controller, x, y, n, amp=False):
+    """The paper's derivation: sample n cells, score each on the same val minibatch (Deviation 10); returns the
+    sampled arcs and their accuracies (%). The first best one is the derived cell."""
+    model.eval()
+    arcs, _, _, _ = controller(n)
+    with common.autocast(x.device, amp):
+        accs = [common.accuracy(model(x, arc_at(arcs, b))[0], y) for b in range(n)]
+    return [arc_at(arcs, b) for b in range(n)], accs
+
+
+@torch.no_grad()
+def controller_marginals(controller, n):
+    """Deviation 12: per cell, the mean over n samples of every decision's softmax: 'op' (nodes, 2,
+    n_ops), 'input' (nodes, 2, nodes+1, zero-padded), and 'edge_op' (sum_i (i+2), n_ops), the
+    expected number of times (input j, op k) feeds node i (each node's rows sum to 2)."""
+    arcs, _, entropy, probs = controller(n)
+    out = {"entropy": entropy.mean().item()}
+    for cell, seq, p in zip(("normal", "reduce"), arcs, probs):
+        nodes = seq.shape[1] // 4
+        out.setdefault("op", {})[cell] = [[p[4 * i + 2 * s + 1].mean(0).tolist() for s in range(2)]
+                                          for i in range(nodes)]
+        out.setdefault("input", {})[cell] = [[F.pad(p[4 * i + 2 * s].mean(0), (0, nodes - i - 1)).tolist()
+                                              for s in range(2)] for i in range(nodes)]
+        rows = []
+        for i in range(nodes):
+            block = sum((F.one_hot(seq[:, 4 * i + 2 * s], i + 2).float()[:, :, None]
+                         * p[4 * i + 2 * s + 1][:, None, :]).mean(0) for s in range(2))  # (i+2, n_ops)
+            rows += block.tolist()
+        out.setdefault("edge_op", {})[cell] = rows
+    return out
+
+
+# =====================================================================================
+# Search loop
+# =====================================================================================
+def train_child_epoch(model, controller, train_data, w_optimizer, device, args, log, epoch):
+    """Eq. (1) with M = 1: one SGD step on the shared weights per minibatch, for a cell freshly
+    sampled from the current policy (no gradient to the controller)."""
+    model.train()
+    steps = min(len(train_data), args.steps_per_epoch or len(train_data))
+    loss_sum, acc_sum, n, t0 = 0.0, 0.0, 0, time.time()
+    for step, (x, y) in enumerate(train_data):
+        if step >= steps:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.no_grad():
+            arcs, _, _, _ = controller(1)
+        w_optimizer.zero_grad(set_to_none=True)
+        with common.autocast(device, args.amp):
+            # ALGO LOGIC: Eq. (1): grad_w L(m; w) for one m ~ pi(m; theta)
+            logits, logits_aux = model(x, arc_at(arcs, 0))
+            loss = F.cross_entropy(logits.float(), y)
+            if logits_aux is not None:
+                loss = loss + args.auxiliary_weight * F.cross_entropy(logits_aux.float(), y)
+        loss.backward()
+        if args.grad_clip > 0:  # Deviation 5
+            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        w_optimizer.step()
+        loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + common.accuracy(logits, y), n + 1
+        if (step + 1) % args.report_freq == 0 or step + 1 == steps:
+            log.info("search epoch %d step %d/%d loss %.4f acc %.2f (%.3f s/step)", epoch, step + 1, steps,
+                     loss_sum / n, acc_sum / n, (time.time() - t0) / n)
+    return loss_sum / max(n, 1), acc_sum / max(n, 1), (time.time() - t0) / max(n, 1)
+
+
+@torch.no_grad()
+def evaluate_sampled(model, controller, data, device, amp=False, max_steps=0):
+    """Mean loss and accuracy (%) over a loader, a fresh cell per batch (main.py eval_once)."""
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for step, (x, y) in enumerate(data):
+        if max_steps and step >= max_steps:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        arcs, _, _, _ = controller(1)
+        with common.autocast(device, amp):
+            logits = model(x, arc_at(arcs, 0))[0].float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        n += y.numel()
+    return loss_sum / max(n, 1), 100.0 * correct / max(n, 1)
+
+
+def search(args, device, run_dir, log):
+    """Run the search; returns (final genotype, summary). Writes per epoch: search_history.jsonl,
+    alphas.jsonl, genotype.json, checkpoint_search.pt; at the end the figures."""
+    generator = torch.Generator().manual_seed(args.seed)
+    train_set, num_classes, _ = common.load_dataset(args.dataset, args.data, True, args.image_size)
+    train_data, val_data = common.search_loaders(train_set, args.batch_size, args.train_portion, generator,
+                                                 args.workers)
+    model = Network(args.init_channels, num_classes, args.layers, args.nodes, auxiliary=args.search_auxiliary,
+                    dropout=args.dropout).to(device)
+    controller = Controller(args.nodes, args.lstm_size, args.tanh_constant, args.op_tanh_reduce,
+                            args.temperature).to(device)
+    log.info("shared network: %.3f M weights; controller: %d weights", sum(p.numel() for p in model.parameters())
+             / 1e6, sum(p.numel() for p in controller.parameters()))
+    w_optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, nesterov=True,
+                                  weight_decay=args.weight_decay)
+    # utils.py get_train_ops(optim_algo="adam"): beta1 0.0, epsilon 1e-3, no weight decay, no clipping
+    c_optimizer = torch.optim.Adam(controller.parameters(), args.controller_lr, betas=(0.0, 0.999), eps=1e-3)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(w_optimizer, args.lr_t0, args.lr_t_mul,
+                                                                     eta_min=args.lr_min)
+    start, baseline = 0, 0.0  # micro_controller.py: the baseline variable starts at 0
+    if args.resume:  # TRY NOT TO MODIFY: continue after the last finished epoch, bit for bit
+        path = run_dir / "checkpoint_search.pt"
+        start = common.resume_from(path, "enas", generator, model=model, controller=controller,
+                                   w_optimizer=w_optimizer, c_optimizer=c_optimizer, scheduler=scheduler)
+        baseline = common.load_checkpoint(path, "enas")["baseline"] if start else baseline
+        log.info("resuming the search at epoch %d (baseline %.4f)", start, baseline)
+    history = common.keep_jsonl(run_dir / "search_history.jsonl", start)
+    alpha_history = common.keep_jsonl(run_dir / "alphas.jsonl", start)
+    genotype = common.parse_genotype(str(run_dir / "genotype.json")) if start else None
+    for epoch in range(start, args.epochs):
+        t0 = time.time()
+        lr = w_optimizer.param_groups[0]["lr"]
+        val_iter = common.forever(val_data)  # reward, derivation and evaluation minibatches of this epoch
+        train_loss, train_acc, s_per_step = train_child_epoch(model, controller, train_data, w_optimizer, device,
+                                                              args, log, epoch)
+        baseline, ctrl = train_controller(model, controller, c_optimizer, baseline, val_iter, device, args, log,
+                                          epoch)
+        x_val, y_val = (t.to(device) for t in next(val_iter))
+        arcs, accs = derive(model, controller, x_val, y_val, args.derive_samples, args.amp)
+        best = max(range(len(accs)), key=lambda b: accs[b])
+        genotype = arc_to_genotype(arcs[best])
+        val_loss, val_acc = evaluate_sampled(model, controller, val_data, device, args.amp, args.steps_per_epoch)
+        scheduler.step()
+        stats = controller_marginals(controller, args.stat_samples)
+        alpha_history.append({"epoch": epoch, "samples": args.stat_samples, **stats})
+        row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+               "val_acc": val_acc, **ctrl, "policy_entropy": stats["entropy"], "sampled_val_acc": accs, "best_sampled_val_acc": accs[best],
+               "arc": arcs[best], "seconds": time.time() - t0, "seconds_per_step": s_per_step,
+               "genotype": common.genotype_to_dict(genotype)}
+        history.append(row)
+        common.append_jsonl(run_dir / "search_history.jsonl", row)
+        common.append_jsonl(run_dir / "alphas.jsonl", alpha_history[-1])
+        common.write_json(run_dir / "genotype.json", common.genotype_to_dict(genotype))
+        log.info("search epoch %d lr %.5f train_acc %.2f val_acc %.2f best of %d sampled cells %.2f %.1fs", epoch, lr,
+                 train_acc, val_acc, len(accs), accs[best], row["seconds"])
+        log.info("arc %s genotype %s", " ".join(map(str, arcs[best][0] + arcs[best][1])), genotype)
+        # TRY NOT TO MODIFY: checkpoint with everything needed to resume, controller and baseline included
+        common.save_checkpoint(run_dir / "checkpoint_search.pt", {
+            **common.make_checkpoint("enas", epoch, args, generator, model=model, controller=controller,
+                                     w_optimizer=w_optimizer, c_optimizer=c_optimizer, scheduler=scheduler),
+            "baseline": baseline, "arc": arcs[best], "genotype": common.genotype_to_dict(genotype)})
+    common.plot_alphas({c: alpha_history[-1]["edge_op"][c] for c in ("normal", "reduce")}, run_dir / "alphas.png",
+                       ENAS_OPS, "E[uses of (input, op)] per node")
+    common.plot_alpha_evolution([{c: [d for node in a["op"][c] for d in node] for c in ("normal", "reduce")}
+                                 for a in alpha_history], run_dir / "alpha_evolution.png", ENAS_OPS)
+    common.plot_curves(history, ["train_acc", "val_acc"], run_dir / "search_curves.png", "ENAS search")
+    common.plot_curves(history, ["reward", "baseline"], run_dir / "controller_reward.png", "controller",
+                       ylabel="reward (val-minibatch accuracy + entropy bonus)")
+    common.plot_curves(history, ["policy_entropy"], run_dir / "controller_entropy.png", "controller",
+                       ylabel="entropy of pi after the epoch (nats, both cells)")
+    summary = {"epochs": len(history), "val_acc": history[-1]["val_acc"], "train_acc": history[-1]["train_acc"],
+               "best_sampled_val_acc": history[-1]["best_sampled_val_acc"], "arc": history[-1]["arc"],
+               "baseline": history[-1]["baseline"], "policy_entropy": history[-1]["policy_entropy"],
+               "seconds": sum(r["seconds"] for r in history),
+               "seconds_per_step": sum(r["seconds_per_step"] for r in history) / len(history)}
+    return genotype, summary
+
+
+# =====================================================================================
+# main: search -> derive -> retrain -> test
+# =====================================================================================
+def main(args):
+    device = common.get_device(args.device)
+    if args.resume:
+        args = common.resume_args(args, __file__)  # the run's own flags; checks folder and checkpoints
+    common.check_common_args(args, device)
+    if not 0 < args.train_portion < 1:
+        raise UsageError(f"--train-portion must be in (0, 1), got {args.train_portion}")
+    for name in ("nodes", "controller_num_aggregate", "derive_samples", "stat_samples", "lstm_size", "lr_t0",
+                 "lr_t_mul"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.controller_train_steps < 0:
+        raise UsageError(f"--controller-train-steps must be >= 0, got {args.controller_train_steps}")
+    if not 0 <= args.bl_dec < 1:
+        raise UsageError(f"--bl-dec must be in [0, 1) (the baseline must move), got {args.bl_dec}")
+    if args.op_tanh_reduce <= 0 or args.tanh_constant < 0 or args.temperature < 0:
+        raise UsageError("--tanh-constant and --temperature must be >= 0 (0 = off), --op-tanh-reduce > 0")
+    if not 0 <= args.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    genotype = None
+    if args.genotype:  # fail before any work; a string of integers is an ENAS arc
+        is_arc = all(t.lstrip("-").isdigit() for t in args.genotype.split())
+        genotype = arc_to_genotype(parse_arc(args.genotype, args.nodes)) if is_arc else \
+            common.parse_genotype(args.genotype)
+    if genotype is not None and args.no_retrain:
+        raise UsageError("--genotype skips the search and --no-retrain skips retraining: nothing to do")
+    rank, world, device = common.setup_distributed(device)
+    if world > 1 and genotype is None:
+        raise UsageError("under torchrun only retraining is distributed: search with one process, then "
+                         "pass --genotype runs/<run>/genotype.json")
+    run_dir, log = common.start_run(args, __file__)
+    common.seed_everything(args.seed, args.torch_deterministic)
+    results = {"method": "enas", "dataset": args.dataset, "seed": args.seed}
+    if genotype is None:
+        genotype, results["search"] = search(args, device, run_dir, log)
+    else:
+        log.info("retraining the given genotype, no search: %s", genotype)
+    results["genotype"] = common.genotype_to_dict(genotype)
+    if rank == 0:
+        common.write_json(run_dir / "genotype.json", results["genotype"])
+        common.plot_genotype(genotype, run_dir / "genotype.png")
+    if not args.no_retrain:
+        results["retrain"] = common.retrain(genotype, args, device, run_dir, log, "enas")
+    if rank != 0:
+        return None
+    if not args.no_retrain:
+        log.info("test accuracy %.2f %% (best %.2f %%), %.3f M params", results["retrain"]["test_acc"],
+                 results["retrain"]["best_test_acc"], results["retrain"]["params_M"])
+    common.write_json(run_dir / "results.json", results)
+    log.info("done: %s", run_dir / "results.json")
+    return results
+
+
+if __name__ == "__main__":
+    common.cli(main, Args)
