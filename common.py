@@ -63,7 +63,8 @@ class BaseArgs:
     workers: int = arg(2, "DataLoader workers (official: 2)", "run")
     out_dir: str = arg("runs", "where run folders are created", "run")
     run_name: str = arg("", "run folder name; default {exp_name}-{dataset}-s{seed}-{time}", "run")
-    steps_per_epoch: int = arg(0, "stop each epoch after this many steps; 0 = full epoch", "run")
+    steps_per_epoch: int = arg(0, "stop each search and retraining epoch after this many steps (quick tests); "
+                               "0 = full epoch", "run")
     report_freq: int = arg(50, "log progress every this many steps (official: 50)", "run")
     genotype: str = arg("", "skip search, retrain this cell: a name (DARTS_V2), a Genotype(...) "
                         "literal or a genotype.json", "run")

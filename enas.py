@@ -524,9 +524,9 @@ def search(args, device, run_dir, log):
         stats = controller_marginals(controller, args.stat_samples)
         alpha_history.append({"epoch": epoch, "samples": args.stat_samples, **stats})
         row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-               "val_acc": val_acc, **ctrl, "policy_entropy": stats["entropy"], "sampled_val_acc": accs, "best_sampled_val_acc": accs[best],
-               "arc": arcs[best], "seconds": time.time() - t0, "seconds_per_step": s_per_step,
-               "genotype": common.genotype_to_dict(genotype)}
+               "val_acc": val_acc, **ctrl, "policy_entropy": stats["entropy"], "sampled_val_acc": accs,
+               "best_sampled_val_acc": accs[best], "arc": arcs[best], "seconds": time.time() - t0,
+               "seconds_per_step": s_per_step, "genotype": common.genotype_to_dict(genotype)}
         history.append(row)
         common.append_jsonl(run_dir / "search_history.jsonl", row)
         common.append_jsonl(run_dir / "alphas.jsonl", alpha_history[-1])
