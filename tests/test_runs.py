@@ -157,7 +157,7 @@ def test_dominant_eigenvalue_matches_closed_form():
 
 
 def test_hessian_eigenvalue_is_logged_and_plotted(run):
-    proc, d = run("darts.py", *TINY, "--no-retrain", "--hessian-eigenvalue")
+    proc, d = run("darts.py", *TINY, "--no-retrain", "--hessian-eigenvalue", "--eigen-batches", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     hist = rows(d / "search_history.jsonl")
     assert all(isinstance(r["hessian_eigenvalue"], float) for r in hist) and len(hist) == 2
