@@ -1,6 +1,9 @@
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,3 +30,53 @@ def run(tmp_path):
         proc = run_script(script, "--out-dir", tmp_path, "--run-name", name, *args, timeout=timeout)
         return proc, tmp_path / name
     return _run
+
+
+VOLATILE = {"seconds", "seconds_per_step"}  # wall-clock fields differ between two runs of one seed
+RUN_FILES = ("search_history.jsonl", "alphas.jsonl", "retrain_history.jsonl")
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def rows(path, volatile=VOLATILE):
+    """A jsonl file's rows without the wall-clock fields."""
+    return [{k: v for k, v in r.items() if k not in volatile} for r in read_jsonl(path)]
+
+
+def kill_when(proc, path, timeout=300):
+    """SIGKILL the run as soon as `path` appears (an epoch has been checkpointed)."""
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, "the run finished before it could be killed"
+        assert time.time() - t0 < timeout
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def kill_resume_and_compare(script, flags, out_dir, ref_dir, kill_in_retrain=True, files=RUN_FILES,
+                            volatile=VOLATILE):
+    """Start `script` with `flags`, SIGKILL it once its first search epoch is checkpointed, `--resume` it
+    (killed again once retraining has checkpointed, if kill_in_retrain), let it finish, and assert that its
+    `files` and results.json equal those of the uninterrupted run in ref_dir. Returns the resumed run's folder."""
+    run_dir = Path(out_dir) / "killed"
+    cmd = [sys.executable, str(ROOT / script), *map(str, flags), "--out-dir", str(out_dir), "--run-name", "killed"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(proc, run_dir / "checkpoint_search.pt")  # killed during the search
+    assert not (run_dir / "results.json").exists()
+    resume = [sys.executable, str(ROOT / script), "--resume", str(run_dir), "--device", "cpu", "--workers", "0"]
+    if kill_in_retrain:
+        proc = subprocess.Popen(resume, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        kill_when(proc, run_dir / "checkpoint_retrain.pt")  # killed again, during retraining
+    done = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming" in (run_dir / "log.txt").read_text()
+    for name in files:
+        assert rows(run_dir / name, volatile) == rows(Path(ref_dir) / name, volatile), name
+    got, want = (json.loads((d / "results.json").read_text()) for d in (run_dir, Path(ref_dir)))
+    for r in (got, want):
+        r["search"] = {k: v for k, v in r["search"].items() if k not in volatile}
+    assert got == want
+    return run_dir

@@ -2,8 +2,6 @@
 discretization-gap evaluator, and runs (fake end to end, digits, SIGKILL + resume, bad input)."""
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,15 +10,10 @@ import torch.nn.functional as F
 
 import common
 import daas
-from conftest import ROOT, TINY, run_script
-from test_runs import kill_when, rows
+from conftest import TINY, kill_resume_and_compare, read_jsonl, run_script
 
 P = daas.PRIMITIVES
 FAST = ["--alpha-start-epoch", "1", "--bn-batches", "2"]  # TINY has 2 epochs: alpha must train from epoch 1
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 # ------------------------------------------------------------------ formulas
@@ -312,22 +305,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
              "--bn-batches", "2"]
     ref = run_script("daas.py", *flags, "--out-dir", tmp_path, "--run-name", "ref")
     assert ref.returncode == 0, ref.stderr[-2000:]
-    run_dir = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "daas.py"), *flags, "--out-dir", str(tmp_path), "--run-name", "killed"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(proc, run_dir / "checkpoint_search.pt")  # killed during the search, alpha still frozen
-    resume = [sys.executable, str(ROOT / "daas.py"), "--resume", str(run_dir), "--device", "cpu", "--workers", "0"]
-    proc = subprocess.Popen(resume, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(proc, run_dir / "checkpoint_retrain.pt")  # killed again, during retraining
-    done = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "resuming" in (run_dir / "log.txt").read_text()
-    for name in ("search_history.jsonl", "alphas.jsonl", "retrain_history.jsonl"):
-        assert rows(run_dir / name) == rows(tmp_path / "ref" / name), name
-    got, want = (json.loads((d / "results.json").read_text()) for d in (run_dir, tmp_path / "ref"))
-    for r in (got, want):
-        r["search"] = {k: v for k, v in r["search"].items() if k not in ("seconds", "seconds_per_step")}
-    assert got == want
+    # killed during the search (alpha still frozen) and again during retraining
+    kill_resume_and_compare("daas.py", flags, tmp_path, tmp_path / "ref")
 
 
 @pytest.mark.parametrize("flags,needle", [

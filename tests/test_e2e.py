@@ -6,16 +6,12 @@ import pytest
 import torch
 
 import common
-from conftest import TINY, run_script
+from conftest import TINY, read_jsonl, run_script
 
 SEARCH_FILES = ["args.json", "log.txt", "darts.py", "common.py", "search_history.jsonl", "alphas.jsonl",
                 "genotype.json", "checkpoint_search.pt", "alphas.png", "alpha_evolution.png",
                 "search_curves.png", "genotype.png"]
 RETRAIN_FILES = ["retrain_history.jsonl", "checkpoint_retrain.pt", "retrain_curves.png", "results.json"]
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_second_order_search_and_retrain_on_fake_writes_the_run_folder(run):

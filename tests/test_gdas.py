@@ -2,7 +2,6 @@
 (Gumbel-max sampling, straight-through weights, single-path edges, tau schedule, genotype rules)
 against exact autograd, closed forms and counts. Also: GDAS against DARTS at the same config."""
 import json
-import subprocess
 import sys
 import time
 
@@ -15,17 +14,12 @@ import common
 import darts
 import gdas
 from common import PRIMITIVES
-from conftest import ROOT, TINY, run_script
-from test_runs import kill_when, rows
+from conftest import TINY, kill_resume_and_compare, read_jsonl, run_script
 
 SEARCH_FILES = ["args.json", "log.txt", "gdas.py", "common.py", "search_history.jsonl", "alphas.jsonl",
                 "genotype.json", "checkpoint_search.pt", "alphas.png", "alpha_evolution.png",
                 "search_curves.png", "genotype.png", "tau.png"]
 RETRAIN_FILES = ["retrain_history.jsonl", "checkpoint_retrain.pt", "retrain_curves.png", "results.json"]
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 # ----------------------------------------------------------------------------------------
@@ -86,20 +80,9 @@ def test_digits_search_then_retrain_learns(run):
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_run, tmp_path):
     ref, ref_dir = tiny_run
     assert ref.returncode == 0, ref.stderr[-2000:]
-    run_dir = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "gdas.py"), *TINY, "--out-dir", str(tmp_path), "--run-name", "killed"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(proc, run_dir / "checkpoint_search.pt")  # killed during the search, after epoch 0 (tau 10)
-    assert not (run_dir / "results.json").exists()
-    done = run_script("gdas.py", "--resume", run_dir, "--device", "cpu", "--workers", "0")
-    assert done.returncode == 0, done.stderr[-2000:]
+    # killed during the search, after epoch 0 (tau 10)
+    run_dir = kill_resume_and_compare("gdas.py", TINY, tmp_path, ref_dir, kill_in_retrain=False)
     assert "resuming the search at epoch" in (run_dir / "log.txt").read_text()
-    for name in ("search_history.jsonl", "alphas.jsonl", "retrain_history.jsonl"):
-        assert rows(run_dir / name) == rows(ref_dir / name), name
-    got, want = (json.loads((d / "results.json").read_text()) for d in (run_dir, ref_dir))
-    for r in (got, want):
-        r["search"] = {k: v for k, v in r["search"].items() if k not in ("seconds", "seconds_per_step")}
-    assert got == want
 
 
 def test_frc_without_no_retrain_is_one_line_and_touches_nothing(tmp_path):

@@ -16,7 +16,7 @@ import torch.nn as nn
 import common
 import p_darts
 from common import PRIMITIVES, UsageError
-from conftest import ROOT, run_script
+from conftest import ROOT, read_jsonl, run_script
 
 # 3 stages of 2 epochs (alpha on from epoch 1), 3 / 4 / 5 cells, on 8x8 fake images: seconds on CPU
 FAKE = ["--device", "cpu", "--workers", "0", "--dataset", "fake", "--image-size", "8", "--epochs", "2",
@@ -27,10 +27,6 @@ FILES = ["args.json", "log.txt", "p_darts.py", "common.py", "search_history.json
          "checkpoint_search.pt", "alphas.png", "alpha_evolution.png", "search_curves.png", "genotype.png",
          "retrain_history.jsonl", "checkpoint_retrain.pt", "retrain_curves.png", "results.json"]
 IDX = {p: i for i, p in enumerate(PRIMITIVES)}
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def drop_seconds(obj):

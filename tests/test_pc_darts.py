@@ -22,18 +22,9 @@ import common
 import darts
 import pc_darts
 from common import PRIMITIVES
-from conftest import ROOT, TINY, run_script
-from test_runs import kill_when
+from conftest import ROOT, TINY, kill_resume_and_compare, read_jsonl, run_script
 
 VOLATILE = {"seconds", "seconds_per_step", "peak_memory_MB"}  # differ between two runs of one seed
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def rows(path):
-    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in read_jsonl(path)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -364,22 +355,9 @@ def test_search_and_retrain_on_fake_writes_the_run_folder(fake_run):
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(fake_run, tmp_path):
-    run_dir = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "pc_darts.py"), *FLAGS, "--out-dir", str(tmp_path), "--run-name", "killed"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(proc, run_dir / "checkpoint_search.pt")  # killed during the search (in the warm-up)
-    resume = [sys.executable, str(ROOT / "pc_darts.py"), "--resume", str(run_dir), "--device", "cpu", "--workers", "0"]
-    proc = subprocess.Popen(resume, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(proc, run_dir / "checkpoint_retrain.pt")  # killed again, during retraining
-    done = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    # killed during the search (in the warm-up) and again during retraining
+    run_dir = kill_resume_and_compare("pc_darts.py", FLAGS, tmp_path, fake_run, volatile=VOLATILE)
     assert "resuming the search at epoch" in (run_dir / "log.txt").read_text()
-    for name in ("search_history.jsonl", "alphas.jsonl", "retrain_history.jsonl"):
-        assert rows(run_dir / name) == rows(fake_run / name), name
-    got, want = (json.loads((d / "results.json").read_text()) for d in (run_dir, fake_run))
-    for r in (got, want):
-        r["search"] = {k: v for k, v in r["search"].items() if k not in VOLATILE}
-    assert got == want
 
 
 def test_digits_search_then_retrain_learns(run):

@@ -3,37 +3,18 @@ Hessian-eigenvalue diagnostic."""
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import common
-from conftest import ROOT, TINY, run_script
-
-VOLATILE = {"seconds", "seconds_per_step"}  # wall-clock fields differ between runs
-
-
-def rows(path):
-    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE} for line in path.read_text().splitlines()]
+from conftest import ROOT, TINY, kill_resume_and_compare, kill_when, rows, run_script
 
 
 def snapshot(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
-
-
-def kill_when(proc, path, timeout=300):
-    """SIGKILL the run as soon as `path` appears (an epoch has been checkpointed)."""
-    t0 = time.time()
-    while not path.exists():
-        assert proc.poll() is None, "the run finished before it could be killed"
-        assert time.time() - t0 < timeout
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
 
 
 FLAGS = [*TINY, "--epochs", "3", "--retrain-epochs", "3"]
@@ -42,23 +23,7 @@ FLAGS = [*TINY, "--epochs", "3", "--retrain-epochs", "3"]
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     ref = run_script("darts.py", *FLAGS, "--out-dir", tmp_path, "--run-name", "ref")
     assert ref.returncode == 0, ref.stderr[-2000:]
-    run_dir = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "darts.py"), *FLAGS, "--out-dir", str(tmp_path), "--run-name", "killed"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(proc, run_dir / "checkpoint_search.pt")  # killed during the search
-    assert not (run_dir / "results.json").exists()
-    resume = [sys.executable, str(ROOT / "darts.py"), "--resume", str(run_dir), "--device", "cpu", "--workers", "0"]
-    proc = subprocess.Popen(resume, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(proc, run_dir / "checkpoint_retrain.pt")  # killed again, during retraining
-    done = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "resuming" in (run_dir / "log.txt").read_text()
-    for name in ("search_history.jsonl", "alphas.jsonl", "retrain_history.jsonl"):
-        assert rows(run_dir / name) == rows(tmp_path / "ref" / name), name
-    got, want = (json.loads((d / "results.json").read_text()) for d in (run_dir, tmp_path / "ref"))
-    for r in (got, want):
-        r["search"] = {k: v for k, v in r["search"].items() if k not in ("seconds", "seconds_per_step")}
-    assert got == want
+    kill_resume_and_compare("darts.py", FLAGS, tmp_path, tmp_path / "ref")  # killed in search and in retraining
 
 
 def test_same_seed_gives_bit_identical_alphas(run):

@@ -1,8 +1,6 @@
 """snas.py: its formulas against autograd, closed forms and hand counts; its runs end to end."""
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,17 +10,12 @@ import torch.nn.functional as F
 import common
 import snas
 from common import PRIMITIVES
-from conftest import ROOT, TINY, run_script
-from test_runs import kill_when, rows
+from conftest import TINY, kill_resume_and_compare, read_jsonl, run_script
 
 SEARCH_FILES = ["args.json", "log.txt", "snas.py", "common.py", "search_history.jsonl", "alphas.jsonl",
                 "genotype.json", "checkpoint_search.pt", "alphas.png", "alpha_evolution.png", "search_curves.png",
                 "genotype.png", "temperature.png", "resource_penalty.png"]
 RETRAIN_FILES = ["retrain_history.jsonl", "checkpoint_retrain.pt", "retrain_curves.png", "results.json"]
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def tiny_args(**kw):
@@ -298,23 +291,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
              "--resource-method", "policy_gradient"]
     ref = run_script("snas.py", *flags, "--out-dir", tmp_path, "--run-name", "ref")
     assert ref.returncode == 0, ref.stderr[-2000:]
-    run_dir = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "snas.py"), *flags, "--out-dir", str(tmp_path), "--run-name", "killed"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(proc, run_dir / "checkpoint_search.pt")  # killed during the search
-    assert not (run_dir / "results.json").exists()
-    resume = [sys.executable, str(ROOT / "snas.py"), "--resume", str(run_dir), "--device", "cpu", "--workers", "0"]
-    proc = subprocess.Popen(resume, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(proc, run_dir / "checkpoint_retrain.pt")  # killed again, during retraining
-    done = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "resuming" in (run_dir / "log.txt").read_text()
-    for name in ("search_history.jsonl", "alphas.jsonl", "retrain_history.jsonl"):
-        assert rows(run_dir / name) == rows(tmp_path / "ref" / name), name
-    got, want = (json.loads((d / "results.json").read_text()) for d in (run_dir, tmp_path / "ref"))
-    for r in (got, want):
-        r["search"] = {k: v for k, v in r["search"].items() if k not in ("seconds", "seconds_per_step")}
-    assert got == want
+    kill_resume_and_compare("snas.py", flags, tmp_path, tmp_path / "ref")  # killed in search and in retraining
 
 
 def test_bad_input_is_one_line_and_touches_nothing(tmp_path):

@@ -1,8 +1,6 @@
 """vim_nas.py: the run folder, a real search + retrain, SIGKILL + resume, bad input, and the formulas
 VIM-NAS adds to DARTS (the generator phi, A = phi(eps) + xi, its gradient, the lower bound of Eq. (V2))."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,18 +9,13 @@ import torch.nn.functional as F
 
 import common
 import vim_nas
-from conftest import ROOT, TINY, run_script
-from test_runs import kill_when, rows
+from conftest import RUN_FILES, TINY, kill_resume_and_compare, read_jsonl, run_script
 
 SEARCH_FILES = ["args.json", "log.txt", "vim_nas.py", "common.py", "search_history.jsonl", "alphas.jsonl",
                 "alpha_steps.jsonl", "genotype.json", "checkpoint_search.pt", "alphas.png", "alpha_evolution.png",
                 "anytime_weights.png", "search_curves.png", "genotype.png"]
 RETRAIN_FILES = ["retrain_history.jsonl", "checkpoint_retrain.pt", "retrain_curves.png", "results.json"]
 FLAGS = [*TINY, "--steps-per-epoch", "4", "--report-freq", "2"]
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -70,21 +63,9 @@ def test_search_and_retrain_on_fake_writes_the_run_folder(ref_run):
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(ref_run, tmp_path):
-    run_dir = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "vim_nas.py"), *FLAGS, "--out-dir", str(tmp_path), "--run-name", "killed"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(proc, run_dir / "checkpoint_search.pt")  # killed during the search, after epoch 0
-    assert not (run_dir / "results.json").exists()
-    resume = [sys.executable, str(ROOT / "vim_nas.py"), "--resume", str(run_dir), "--device", "cpu", "--workers", "0"]
-    done = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "resuming" in (run_dir / "log.txt").read_text()
-    for name in ("search_history.jsonl", "alphas.jsonl", "alpha_steps.jsonl", "retrain_history.jsonl"):
-        assert rows(run_dir / name) == rows(ref_run / name), name
-    got, want = (json.loads((d / "results.json").read_text()) for d in (run_dir, ref_run))
-    for r in (got, want):
-        r["search"] = {k: v for k, v in r["search"].items() if k not in ("seconds", "seconds_per_step")}
-    assert got == want
+    # killed during the search, after epoch 0
+    kill_resume_and_compare("vim_nas.py", FLAGS, tmp_path, ref_run, kill_in_retrain=False,
+                            files=(*RUN_FILES, "alpha_steps.jsonl"))
 
 
 def test_digits_one_epoch_search_then_retrain_learns(run):
