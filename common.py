@@ -8,10 +8,22 @@ Read a method file (``darts.py``, ...) next to this one. Sections, in order:
   search space  ``PRIMITIVES``, ``OPS`` and the cell pieces of quark0/darts ``operations.py``
   genotypes     ``Genotype``, ``GENOTYPES`` (published cells), ``parse_genotype``
   retraining    ``NetworkCIFAR`` (quark0/darts ``model.py``), ``train_epoch``, ``evaluate``, ``retrain``
+  pipeline      ``prepare`` and ``run``: what every method file's main() does around its search
   figures       alpha heatmaps, alpha evolution, training curves, cell drawings
 
-Facts cited as "card §x" are in ../shared/papers/darts_family.md; "official" means
-quark0/darts @ f276dd3.
+"Official" means quark0/darts @ f276dd3 (cnn/). Deviations shared by every method file (each file's
+own list adds to these):
+    C1. ours: retraining steps the cosine lr schedule at the end of each epoch; cnn/train.py line 98
+        steps it first, so its epoch 0 trains at eta(1) rather than the initial lr.
+    C2. ours: a training loader drops its last batch when that batch holds a single image (BatchNorm
+        cannot train on one image; the auxiliary head has 1x1 maps); the official loaders keep it.
+    C3. ours: odd feature-map sizes work: FactorizedReduce pads its shifted half by one pixel (the
+        official op needs even sizes), and the CIFAR auxiliary head pools adaptively to 2x2 unless its
+        input is 8-10 px (image sizes 29-40), where the official 5x5/stride-3 pool already gives 2x2.
+    C4. ours: the result of a retraining is the last epoch's test accuracy; the official train.py logs
+        every epoch's and the papers do not say which they report. No epoch is chosen on the test set.
+    C5. ours: --grad-clip 0 / --retrain-grad-clip 0 mean no clipping (clip_grad_norm_ with 0 would zero
+        every gradient).
 """
 
 import argparse
@@ -24,6 +36,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 from collections import namedtuple
 from pathlib import Path
@@ -38,86 +51,207 @@ from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
 
 # =====================================================================================
-# CLI: a dataclass of flags, parsed with argparse
+# CLI: a dataclass of flags, parsed with argparse, each flag's range checked before any work
 # =====================================================================================
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2, no traceback."""
 
 
-def arg(default, help, group=None):
-    """A dataclass field with its --help text (and an optional --help section)."""
-    return dataclasses.field(default=default, metadata={"help": help, "group": group})
+def arg(default, help, group=None, check=None, aliases=()):
+    """A dataclass field with its --help text, an optional --help section, a check of its value and
+    other spellings of the flag. check: a tuple of the allowed strings, or a range such as ">0",
+    ">=1", "[0,1)", "(0,1)", or several joined by " or " ("0 or >=8")."""
+    return dataclasses.field(default=default, metadata={"help": help, "group": group, "check": check,
+                                                        "aliases": tuple(aliases)})
+
+
+def in_range(value, check):
+    """Does the number `value` satisfy a range string of arg(check=...)?"""
+    for part in (p.replace(" ", "") for p in check.split(" or ")):
+        if part[0] in "[(":
+            lo, hi = (float(b) for b in part[1:-1].split(","))
+            if (value >= lo if part[0] == "[" else value > lo) and (value <= hi if part[-1] == "]" else value < hi):
+                return True
+        elif part.startswith(">="):
+            if value >= float(part[2:]):
+                return True
+        elif part.startswith(">"):
+            if value > float(part[1:]):
+                return True
+        elif value == float(part):
+            return True
+    return False
+
+
+DATASETS = ("cifar10", "cifar100", "imagefolder", "digits", "fake")
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
 
 
 @dataclasses.dataclass
 class BaseArgs:
     # --- run: identical in every method file ---
     exp_name: str = arg("nas", "name of the method; prefix of the run folder", "run")
-    seed: int = arg(2, "random seed (official train_search.py --seed 2)", "run")
+    seed: int = arg(2, "random seed (official train_search.py --seed 2)", "run", "[0,4294967295]")
     device: str = arg("auto", "auto | cpu | cuda | cuda:N (auto = CUDA when present)", "run")
     torch_deterministic: bool = arg(True, "cudnn.deterministic (and benchmark off)", "run")
     amp: bool = arg(False, "bfloat16 autocast for weight steps and retraining (CUDA only)", "run")
-    dataset: str = arg("cifar10", "cifar10 | cifar100 | imagefolder | digits | fake", "run")
+    dataset: str = arg("cifar10", " | ".join(DATASETS), "run", DATASETS)
     data: str = arg("./data", "dataset root (imagefolder: a folder with train/ and val/)", "run")
-    image_size: int = arg(0, "input size; 0 = the dataset's own (32 CIFAR, 8 digits)", "run")
-    workers: int = arg(2, "DataLoader workers (official: 2)", "run")
+    image_size: int = arg(0, "input size, at least 8; 0 = the dataset's own (32 CIFAR, 8 digits)", "run",
+                          "0 or >=8")
+    workers: int = arg(2, "DataLoader workers (official: 2)", "run", ">=0")
     out_dir: str = arg("runs", "where run folders are created", "run")
     run_name: str = arg("", "run folder name; default {exp_name}-{dataset}-s{seed}-{time}", "run")
     steps_per_epoch: int = arg(0, "stop each search and retraining epoch after this many steps (quick tests); "
-                               "0 = full epoch", "run")
-    report_freq: int = arg(50, "log progress every this many steps (official: 50)", "run")
+                               "0 = full epoch", "run", ">=0")
+    report_freq: int = arg(50, "log progress every this many steps (official: 50)", "run", ">=1")
     genotype: str = arg("", "skip search, retrain this cell: a name (DARTS_V2), a Genotype(...) "
                         "literal or a genotype.json", "run")
     no_retrain: bool = arg(False, "stop after search (write genotype, no retraining)", "run")
     resume: str = arg("", "continue a killed run from the last checkpoint in this run folder, with the "
                       "flags in its args.json (only --device and --workers may be given again)", "run")
-    # --- retrain: DARTS protocol, cnn/train.py with --auxiliary --cutout (card §0.6) ---
-    retrain_epochs: int = arg(600, "train.py --epochs 600", "retrain")
-    retrain_batch_size: int = arg(96, "train.py --batch_size 96", "retrain")
-    retrain_lr: float = arg(0.025, "train.py --learning_rate 0.025, cosine to 0", "retrain")
-    retrain_momentum: float = arg(0.9, "train.py --momentum 0.9", "retrain")
-    retrain_weight_decay: float = arg(3e-4, "train.py --weight_decay 3e-4", "retrain")
-    retrain_init_channels: int = arg(36, "train.py --init_channels 36", "retrain")
-    retrain_layers: int = arg(20, "train.py --layers 20", "retrain")
+    # --- retrain: DARTS protocol, cnn/train.py with --auxiliary --cutout ---
+    retrain_epochs: int = arg(600, "train.py --epochs 600 (--no-retrain skips retraining)", "retrain", ">=1")
+    retrain_batch_size: int = arg(96, "train.py --batch_size 96", "retrain", ">=2")
+    retrain_lr: float = arg(0.025, "train.py --learning_rate 0.025, cosine to 0", "retrain", ">0")
+    retrain_momentum: float = arg(0.9, "train.py --momentum 0.9", "retrain", "[0,1)")
+    retrain_weight_decay: float = arg(3e-4, "train.py --weight_decay 3e-4", "retrain", ">=0")
+    retrain_init_channels: int = arg(36, "train.py --init_channels 36", "retrain", ">=1")
+    retrain_layers: int = arg(20, "train.py --layers 20 (at least 3: reduction cells sit at 1/3 and 2/3, so "
+                              "fewer cells have no normal cell)", "retrain", ">=3")
     auxiliary: bool = arg(True, "auxiliary tower (paper: on; official flag default off)", "retrain")
-    auxiliary_weight: float = arg(0.4, "train.py --auxiliary_weight 0.4", "retrain")
+    auxiliary_weight: float = arg(0.4, "train.py --auxiliary_weight 0.4", "retrain", ">=0")
     cutout: bool = arg(True, "cutout (paper: on; official flag default off)", "retrain")
-    cutout_length: int = arg(16, "train.py --cutout_length 16 (at 32 px; scaled to the image size)", "retrain")
-    drop_path_prob: float = arg(0.2, "train.py --drop_path_prob 0.2 (linear ramp from 0)", "retrain")
-    retrain_grad_clip: float = arg(5.0, "train.py --grad_clip 5", "retrain")
+    cutout_length: int = arg(16, "train.py --cutout_length 16 (at 32 px; scaled to the image size)", "retrain",
+                             ">=1")
+    drop_path_prob: float = arg(0.2, "train.py --drop_path_prob 0.2 (linear ramp from 0)", "retrain", "[0,1)")
+    retrain_grad_clip: float = arg(5.0, "train.py --grad_clip 5; 0 = no clipping", "retrain", ">=0")
+    retrain_val_portion: float = arg(0.0, "ours: hold out this part of the training set and report accuracy on "
+                                     "it instead of the test set (model selection, reproduce.py); 0 = train on "
+                                     "all of it and test, as train.py", "retrain", "[0,1)")
 
 
-def parse_args(args_cls, argv=None):
-    """Build an argparse parser from the dataclass: --foo-bar for field foo_bar, sections in
-    --help by group ("run", "retrain", else the method's)."""
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors (unknown flag, bad number) as one line too
+        raise UsageError(message)
+
+
+def _parser(args_cls, suppress=False):
     doc = (sys.modules[args_cls.__module__].__doc__ or "").strip()
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                     argument_default=argparse.SUPPRESS if suppress else None)
     groups = {}
     for f in dataclasses.fields(args_cls):
         group = f.metadata.get("group") or "search (paper defaults)"
         if group not in groups:
             groups[group] = parser.add_argument_group(group)
-        flag = "--" + f.name.replace("_", "-")
+        names = [flag(f.name), *f.metadata.get("aliases", ())]
+        default = argparse.SUPPRESS if suppress else f.default
         kind = type(f.default)
         if kind is bool:  # --flag for off-by-default switches, --flag / --no-flag for on-by-default
             action = argparse.BooleanOptionalAction if f.default else "store_true"
-            groups[group].add_argument(flag, action=action, default=f.default, help=f.metadata["help"])
+            groups[group].add_argument(*names, dest=f.name, action=action, default=default, help=f.metadata["help"])
         else:
-            groups[group].add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
-    return args_cls(**vars(parser.parse_args(argv)))
+            groups[group].add_argument(*names, dest=f.name, type=kind, default=default, help=f.metadata["help"])
+    return parser
 
 
-def cli(main, args_cls):
-    """Entry point of every method file: parse flags, run, turn UsageError into one line."""
+def parse_args(args_cls, argv=None):
+    """Build an argparse parser from the dataclass: --foo-bar for field foo_bar (plus its aliases),
+    sections in --help by group ("run", "retrain", else the method's). The result's `typed`
+    attribute (not a field) holds the names of the flags given on the command line."""
+    args = args_cls(**vars(_parser(args_cls).parse_args(argv)))
+    args.typed = set(vars(_parser(args_cls, suppress=True).parse_args(argv)))
+    return args
+
+
+def check_args(args):
+    """Every field's arg(check=...), plus what holds for all methods; one line on the first problem."""
+    for f in dataclasses.fields(args):
+        check, value = f.metadata.get("check"), getattr(args, f.name)
+        if isinstance(check, str) and not in_range(value, check):
+            raise UsageError(f"{flag(f.name)} must be {check.replace(',', ', ')}, got {value}")
+        if isinstance(check, tuple) and value not in check:
+            hint = difflib.get_close_matches(str(value), check, n=1)
+            raise UsageError(f"unknown {flag(f.name)} {value!r}; choose one of {', '.join(check)}"
+                             + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    if getattr(args, "lr_min", 0) > getattr(args, "lr", float("inf")):
+        raise UsageError(f"--lr-min {args.lr_min} is above --lr {args.lr}: the cosine schedule would rise")
+    check_out_dir(args)
+
+
+def check_out_dir(args):
+    """--out-dir must be a folder we can write in (or one we can make); nothing is created here."""
+    if args.resume:
+        return
+    path = Path(args.out_dir)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out-dir {path} is a file, not a folder")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out-dir {path} cannot be made: {parent} is a file")
+    try:  # os.access says yes to root even on a read-only file system: try it
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out-dir {path} cannot be written ({parent}: {e.strerror})") from None
+
+
+def prepare(args, script):
+    """First lines of every main(): the device, --resume's saved flags, and every flag's check. Fast:
+    no data or model is touched yet."""
+    device = get_device(args.device)
+    if args.resume:
+        args = resume_args(args, script)  # the run's own flags; checks folder and checkpoints
+    check_args(args)
+    if args.amp and device.type != "cuda":
+        raise UsageError("--amp needs a CUDA device (bfloat16 autocast); drop --amp on CPU")
+    return args, device
+
+
+ACTIVE_RUN = {}  # the run folder, logger and script of the run in progress (for cli's last words)
+
+
+def cli(main, args_cls, argv=None):
+    """Entry point of every method file: parse flags, run; a UsageError becomes one line and exit 2.
+    After the run folder exists, the message (and any traceback) also goes to log.txt, with the
+    --resume command that continues the run."""
+    ACTIVE_RUN.clear()
     try:
-        return main(parse_args(args_cls))
+        return main(parse_args(args_cls, argv))
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        text = str(e).strip()
+        if text.startswith("Caught "):  # raised in a DataLoader worker: torch wraps it with a traceback
+            text = text.splitlines()[-1].split("UsageError: ", 1)[-1]
+        _last_words(f"error: {text}", 2)
     except KeyboardInterrupt:
-        print("interrupted: the last finished epoch is in the run folder's checkpoint", file=sys.stderr)
-        sys.exit(130)
+        _last_words("interrupted", 130)
+    except Exception:
+        if ACTIVE_RUN:
+            ACTIVE_RUN["log"].exception("unexpected error; %s", _resume_hint())
+        raise
+
+
+def _resume_hint():
+    run_dir = ACTIVE_RUN["run_dir"]
+    done = {name: len(Path(run_dir, f"{name}_history.jsonl").read_text().splitlines())
+            if Path(run_dir, f"{name}_history.jsonl").exists() else 0 for name in ("search", "retrain")}
+    kept = (f"{done['search']} search and {done['retrain']} retraining epochs are checkpointed"
+            if any(done.values()) else "no epoch had finished, so it starts again from the beginning")
+    return f"run folder {run_dir} kept ({kept}); continue with: python {ACTIVE_RUN['script']} --resume {run_dir}"
+
+
+def _last_words(text, code):
+    if ACTIVE_RUN:
+        text = f"{text}; {_resume_hint()}"
+        ACTIVE_RUN["log"].error(text)  # log.txt (and stdout)
+    print(text, file=sys.stderr)
+    sys.exit(code)
 
 
 # =====================================================================================
@@ -146,22 +280,6 @@ def get_device(name):
     return device
 
 
-def check_common_args(args, device):
-    """Flag combinations that no method can run: one clear line instead of a deep traceback."""
-    if args.amp and device.type != "cuda":
-        raise UsageError("--amp needs a CUDA device (bfloat16 autocast); drop --amp on CPU")
-    if args.dataset not in DATASETS:
-        hint = difflib.get_close_matches(args.dataset, DATASETS, n=1)
-        raise UsageError(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}"
-                         + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-    for name in ("epochs", "batch_size", "retrain_batch_size", "init_channels", "layers",
-                 "retrain_layers", "retrain_init_channels"):
-        if getattr(args, name, 1) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-    for train in (True, False):  # missing / empty folders and failed downloads, before any run folder exists
-        load_dataset(args.dataset, args.data, train, args.image_size)
-
-
 def resume_args(args, script):
     """--resume RUN_DIR: check the folder and its checkpoints, then return the run's saved flags
     (with --device and --workers from this command line). Writes nothing, so a bad folder is
@@ -173,15 +291,19 @@ def resume_args(args, script):
         raise UsageError(f"--resume {run_dir}: the run was not made by {Path(script).name}")
     if (run_dir / "results.json").is_file():
         raise UsageError(f"--resume {run_dir}: the run has finished (see its results.json)")
-    defaults = type(args)()
-    given = [f.name for f in dataclasses.fields(args)
-             if f.name not in ("resume", "device", "workers") and getattr(args, f.name) != getattr(defaults, f.name)]
+    typed = getattr(args, "typed", None)  # flags typed on the command line (parse_args); else not default
+    if typed is None:
+        typed = {f.name for f in dataclasses.fields(args) if getattr(args, f.name) != f.default}
+    given = sorted(typed - {"resume", "device", "workers"})
     if given:
-        raise UsageError(f"--resume uses the run's own flags; drop --{given[0].replace('_', '-')}")
+        raise UsageError(f"--resume uses the run's own flags; drop {flag(given[0])}")
     for path in sorted(run_dir.glob("checkpoint_*.pt")):
         load_checkpoint(path, method)
     try:
         saved = json.loads((run_dir / "args.json").read_text())
+        renamed = {a.lstrip("-").replace("-", "_"): f.name for f in dataclasses.fields(args)
+                   for a in f.metadata.get("aliases", ())}  # runs made before a flag got its new name
+        saved = {renamed.get(k, k): v for k, v in saved.items()}
         return type(args)(**{**saved, "resume": str(run_dir), "device": args.device, "workers": args.workers})
     except (ValueError, TypeError) as e:
         raise UsageError(f"--resume {run_dir}: its args.json does not fit this {Path(script).name} ({e})") from None
@@ -215,9 +337,11 @@ def start_run(args, script):
         if Path(script).parent.joinpath("common.py").exists():
             shutil.copy(Path(script).parent / "common.py", run_dir / "common.py")
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    log.handlers.clear()  # a second run in one process (tests) must not log twice
     for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "log.txt")):
         handler.setFormatter(fmt)
         log.addHandler(handler)
+    ACTIVE_RUN.update(run_dir=run_dir, log=log, script=Path(script).name)
     log.info("%s run folder %s", "resuming" if args.resume else "new", run_dir)
     log.info("args %s", json.dumps(dataclasses.asdict(args)))
     return run_dir, log
@@ -304,7 +428,7 @@ def resume_from(path, method, generator, **objects):
 
 def forever(loader):
     """Endless batches from a loader, reshuffled each pass: a val iterator that is not rebuilt
-    every step (card §7.1 item 7) as quark0/darts's next(iter(valid_queue)) is."""
+    every step as quark0/darts's next(iter(valid_queue)) is (train_search.py line 143)."""
     while True:
         yield from loader
 
@@ -312,8 +436,7 @@ def forever(loader):
 # =====================================================================================
 # Data
 # =====================================================================================
-DATASETS = ("cifar10", "cifar100", "imagefolder", "digits", "fake")
-CIFAR_STATS = {  # card §0.5 and §5.2
+CIFAR_STATS = {  # cifar10: quark0/darts utils.py lines 63-64; cifar100: chenxin061/pdarts utils.py
     "cifar10": ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)),
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
 }
@@ -377,15 +500,29 @@ def _digits(train, image_size, cutout):
     if image_size != 8:
         images = F.interpolate(images, size=image_size, mode="bilinear", align_corners=False)
     ds = TensorDataset(images, torch.tensor(y[idx]))
-    return Transformed(ds, Cutout(cutout)) if train and cutout > 0 else ds
+    return Transformed(ds, Cutout(cutout)) if cutout > 0 else ds
 
 
-def load_dataset(name, root, train, image_size=0, cutout=0):
-    """Returns (dataset, num_classes, image_size). train=True gives the training set with the
-    DARTS augmentation (random crop 32 pad 4, flip; cutout only when asked, i.e. retraining)."""
+def read_image(path):
+    """ImageFolder's loader, naming the file it cannot read (a corrupt or truncated image)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise UsageError(f"cannot read image {path} ({type(e).__name__}: {e}); fix or remove it") from None
+
+
+def load_dataset(name, root, train, image_size=0, cutout=0, augment=None):
+    """Returns (dataset, num_classes, image_size). train=True gives the training split, by default
+    with the DARTS augmentation (random crop 32 pad 4, flip; cutout only when asked, i.e.
+    retraining); augment=False gives the training images as the test set is seen."""
+    augment = train if augment is None else augment
+    cutout = cutout if augment else 0
     if name in ("cifar10", "cifar100"):
         size = image_size or 32
-        tf = _image_transforms(train, size, *CIFAR_STATS[name], cutout, resize=False)
+        tf = _image_transforms(augment, size, *CIFAR_STATS[name], cutout, resize=False)
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         try:
             ds = cls(root, train=train, download=True, transform=tf)
@@ -400,9 +537,9 @@ def load_dataset(name, root, train, image_size=0, cutout=0):
         if not sub.is_dir():
             raise UsageError(f"--dataset imagefolder needs {sub}/ with one sub-folder per class")
         size = image_size or 32
-        tf = _image_transforms(train, size, *IMAGENET_STATS, cutout, resize=True)
+        tf = _image_transforms(augment, size, *IMAGENET_STATS, cutout, resize=True)
         try:
-            ds = torchvision.datasets.ImageFolder(str(sub), transform=tf)
+            ds = torchvision.datasets.ImageFolder(str(sub), transform=tf, loader=read_image)
         except (FileNotFoundError, RuntimeError) as e:
             raise UsageError(f"--dataset imagefolder: {sub} holds no images ({e})") from None
         return ds, len(ds.classes), size
@@ -411,23 +548,41 @@ def load_dataset(name, root, train, image_size=0, cutout=0):
         return _digits(train, size, cutout), 10, size
     if name == "fake":  # random images and labels: shapes only
         size = image_size or 32
-        tf = T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.25,) * 3)] + [Cutout(cutout)] * (train and cutout > 0))
+        tf = T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.25,) * 3)] + [Cutout(cutout)] * (cutout > 0))
         ds = torchvision.datasets.FakeData(1024 if train else 256, (3, size, size), 10, tf,
                                            random_offset=0 if train else 10**6)
         return ds, 10, size
     raise UsageError(f"unknown --dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
+def check_data(args):
+    """Load both splits before any run folder exists: missing or empty folders, failed downloads, and
+    an ImageFolder whose val/ classes are not train/'s (the class count would come from the wrong one)."""
+    train, n_train, _ = load_dataset(args.dataset, args.data, True, args.image_size)
+    test, n_test, _ = load_dataset(args.dataset, args.data, False, args.image_size)
+    classes = [getattr(d, "classes", None) for d in (train, test)]
+    if classes[0] != classes[1]:
+        only = sorted(set(classes[0]) ^ set(classes[1])) or ["(same names, other order)"]
+        raise UsageError(f"--dataset {args.dataset}: the train and test/val splits have different classes "
+                         f"({n_train} vs {n_test}; differing: {', '.join(map(str, only[:5]))})")
+    if n_train < 2:
+        raise UsageError(f"--dataset {args.dataset} under {args.data} has {n_train} class: classification "
+                         "needs at least 2 (accuracy would be 100 % by construction)")
+
+
 def loader(ds, batch_size, shuffle, generator, workers, indices=None, sampler=None):
+    """shuffle=True marks a training loader: a last batch of one image is dropped (BatchNorm cannot
+    train on it); every other batch is kept, as the official loaders do."""
     if indices is not None:
         sampler = SubsetRandomSampler(indices, generator=generator)
+    n = len(sampler) if sampler is not None else len(ds)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       generator=generator, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      drop_last=False)  # no persistent workers: each epoch re-seeds them from `generator`
+                      drop_last=shuffle and n % batch_size == 1)  # no persistent workers: each epoch re-seeds them
 
 
 def search_loaders(ds, batch_size, train_portion, generator, workers):
-    """The official search split (card §0.5): the training set cut by index, the first
+    """The official search split (train_search.py lines 91-100): the training set cut by index, the first
     train_portion for weights ("train"), the rest for alpha ("val"); both augmented."""
     split = int(np.floor(train_portion * len(ds)))
     if split < 1 or split >= len(ds):
@@ -437,7 +592,7 @@ def search_loaders(ds, batch_size, train_portion, generator, workers):
 
 
 # =====================================================================================
-# Search space: the DARTS candidate operations (official operations.py, card §0.2)
+# Search space: the DARTS candidate operations (official operations.py and genotypes.py PRIMITIVES)
 # =====================================================================================
 PRIMITIVES = ["none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
               "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"]
@@ -488,7 +643,10 @@ class FactorizedReduce(nn.Module):
 
     def forward(self, x):
         x = self.relu(x)
-        return self.bn(torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], dim=1))  # (B, C_out, H/2, W/2)
+        shifted = x[:, :, 1:, 1:]
+        if x.shape[-1] % 2 or x.shape[-2] % 2:  # ours: odd sizes (the official code needs even ones)
+            shifted = F.pad(shifted, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))  # both halves ceil(H/2)
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))  # (B, C_out, ceil(H/2), ceil(W/2))
 
 
 OPS = {  # name -> constructor(C, stride, affine)
@@ -525,7 +683,7 @@ def reduction_layers(layers):
 # =====================================================================================
 Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
 
-GENOTYPES = {  # verbatim from the official repos (card §6; other_methods.md §1.3)
+GENOTYPES = {  # verbatim from the official repos' genotypes.py (quark0/darts cnn/genotypes.py unless noted)
     "DARTS_V1": Genotype(
         normal=[("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("skip_connect", 0), ("sep_conv_3x3", 1),
                 ("skip_connect", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("skip_connect", 2)],
@@ -562,7 +720,7 @@ GENOTYPES = {  # verbatim from the official repos (card §6; other_methods.md §
                 ("dil_conv_5x5", 2), ("sep_conv_3x3", 1), ("sep_conv_5x5", 0), ("sep_conv_5x5", 1)],
         reduce_concat=[2, 3, 4, 5]),
 }
-GENOTYPES.update({  # SNAS-Series/SNAS-Series SNAS/genotypes.py (other_methods.md §2.4), top-2 format
+GENOTYPES.update({  # SNAS-Series/SNAS-Series SNAS/genotypes.py, top-2 format
     "SNAS_mild": Genotype(
         normal=[("sep_conv_3x3", 0), ("sep_conv_3x3", 1), ("skip_connect", 0), ("dil_conv_3x3", 1),
                 ("skip_connect", 0), ("skip_connect", 1), ("skip_connect", 0), ("sep_conv_3x3", 1)],
@@ -585,7 +743,7 @@ GENOTYPES.update({  # SNAS-Series/SNAS-Series SNAS/genotypes.py (other_methods.m
                 ("none", 1), ("none", 0), ("none", 1), ("none", 0)],
         reduce_concat=[2, 3, 4, 5]),
     # ENAS micro cell (5 nodes, loose ends concatenated): the paper figure as transcribed by
-    # ianwhale/nsga-net models/micro_genotypes.py (other_methods.md §3.4; skip_connect = identity)
+    # ianwhale/nsga-net models/micro_genotypes.py (the paper's figure of the micro cells; skip_connect = identity)
     "ENAS": Genotype(
         normal=[("sep_conv_3x3", 1), ("skip_connect", 1), ("sep_conv_5x5", 1), ("skip_connect", 0),
                 ("avg_pool_3x3", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("avg_pool_3x3", 0),
@@ -601,10 +759,24 @@ GENOTYPES["PCDARTS"] = GENOTYPES["PC_DARTS"]
 GENOTYPES["GDAS"] = GENOTYPES["GDAS_V1"]
 
 
+def is_edge_all(edges, steps=4):
+    """SNAS's "edge_all" cell: every node keeps all its incoming edges (node k reads states 0..k-1,
+    2 + 3 + 4 + 5 = 14 edges), not two. Its 14 (op, input) pairs would read as 7 two-input nodes."""
+    sizes = [2 + i for i in range(steps)]
+    if len(edges) != sum(sizes):
+        return False
+    starts = np.cumsum([0] + sizes[:-1])
+    return all(sorted(j for _, j in edges[a:a + n]) == list(range(n)) for a, n in zip(starts, sizes))
+
+
 def validate_genotype(g, what="genotype"):
     """Check op names, input indices and concat; raise UsageError naming the first problem."""
     for cell, concat in (("normal", g.normal_concat), ("reduce", g.reduce_concat)):
         edges = getattr(g, cell)
+        if isinstance(edges, (list, tuple)) and is_edge_all([tuple(e) for e in edges]):
+            raise UsageError(f"{what}: the {cell} cell is in SNAS's edge_all form (14 edges, node k reads every "
+                             "earlier state), not two (op, input) pairs per node; retrain it with snas.py, "
+                             "which converts it")
         if not isinstance(edges, (list, tuple)) or len(edges) < 2 or len(edges) % 2:
             raise UsageError(f"{what}: {cell} must be a list of (op, input) pairs, two per node")
         for k, edge in enumerate(edges):
@@ -629,10 +801,11 @@ def _literal(node):
     return ast.literal_eval(node)
 
 
-def parse_genotype(text):
+def parse_genotype(text, more_names=()):
     """A published name (see GENOTYPES), a path to a genotype.json from a run folder, or a
     literal 'Genotype(normal=[...], normal_concat=..., reduce=[...], reduce_concat=...)'.
-    Never eval()s user text. Raises UsageError with one line on bad input."""
+    Never eval()s user text. Raises UsageError with one line on bad input; more_names (names the
+    calling method reads itself) join GENOTYPES in the suggestions."""
     text = text.strip()
     if text in GENOTYPES:
         return GENOTYPES[text]
@@ -647,8 +820,9 @@ def parse_genotype(text):
                      list(g.reduce_concat))
         return validate_genotype(g, text)
     if not text.startswith("Genotype("):
-        hint = difflib.get_close_matches(text, GENOTYPES, n=1)
-        raise UsageError(f"unknown genotype {text!r}; known: {', '.join(sorted(GENOTYPES))}"
+        names = sorted([*GENOTYPES, *more_names])
+        hint = difflib.get_close_matches(text, names, n=1)
+        raise UsageError(f"unknown genotype {text!r}; known: {', '.join(names)}"
                          + (f" (did you mean {hint[0]!r}?)" if hint else "")
                          + "; or pass a Genotype(...) literal or a genotype.json")
     try:
@@ -703,8 +877,9 @@ class Cell(nn.Module):
 
 
 class AuxiliaryHeadCIFAR(nn.Module):
-    """Reads the 8x8 output of the second reduction cell (card §0.6). Inputs smaller than the
-    5x5 pool (8x8 digits gives 2x2) are pooled adaptively to the same 2x2 instead."""
+    """Reads the 8x8 output of the second reduction cell (official model.py AuxiliaryHeadCIFAR:
+    avg pool 5 stride 3 to 2x2, 1x1 conv 128, 2x2 conv 768, linear). ours: inputs that this pool does
+    not bring to 2x2 (other than 8-10 px, i.e. images other than 29-40 px) are pooled adaptively to 2x2."""
 
     def __init__(self, C, num_classes):
         super().__init__()
@@ -716,7 +891,8 @@ class AuxiliaryHeadCIFAR(nn.Module):
 
     def forward(self, x):
         x = F.relu(x)
-        x = self.pool(x) if x.shape[-1] >= 5 else F.adaptive_avg_pool2d(x, 2)  # (B, C, 2, 2)
+        x = self.pool(x) if 8 <= min(x.shape[-2:]) and max(x.shape[-2:]) <= 10 else F.adaptive_avg_pool2d(x, 2)
+        # x: (B, C, 2, 2)
         return self.classifier(self.features(x).flatten(1))
 
 
@@ -789,6 +965,12 @@ def evaluate(model, data, device, amp=False, max_steps=0):
     return loss_sum / max(n, 1), 100.0 * correct / max(n, 1)
 
 
+def clip_grad(params, max_norm):
+    """Gradient-norm clipping as the official code does it; max_norm 0 means no clipping (in every file)."""
+    if max_norm > 0:
+        nn.utils.clip_grad_norm_(params, max_norm)
+
+
 def train_epoch(model, data, optimizer, device, args, log, epoch):
     """One retraining epoch: CE (+ auxiliary_weight * CE of the tower), grad-norm clip."""
     model.train()
@@ -805,7 +987,7 @@ def train_epoch(model, data, optimizer, device, args, log, epoch):
             if logits_aux is not None:
                 loss = loss + args.auxiliary_weight * F.cross_entropy(logits_aux.float(), y)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.retrain_grad_clip)
+        clip_grad(model.parameters(), args.retrain_grad_clip)
         optimizer.step()
         loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + accuracy(logits, y), n + 1
         if (step + 1) % args.report_freq == 0 or step + 1 == steps:
@@ -814,24 +996,43 @@ def train_epoch(model, data, optimizer, device, args, log, epoch):
     return loss_sum / max(n, 1), acc_sum / max(n, 1)
 
 
-def retrain(genotype, args, device, run_dir, log, method):
-    """Train `genotype` from scratch with the DARTS protocol and report test accuracy. Writes
-    retrain_history.jsonl and checkpoint_retrain.pt every epoch (resumed by --resume) and
-    retrain_curves.png. Under torchrun: DistributedDataParallel, --retrain-batch-size is the
-    global batch split over the processes, every rank evaluates, rank 0 writes."""
+def retrain_data(args, generator, world=1, rank=0):
+    """The retraining loaders: (train, eval, eval split name, num_classes). With --retrain-val-portion P
+    the last P of a fixed permutation of the training set is held out and is the eval split ("val", seen
+    without augmentation); the test set is then never loaded, so a selection can only read held-out
+    training images. Otherwise the eval split is the test set, as in train.py."""
+    plain, num_classes, size = load_dataset(args.dataset, args.data, True, args.image_size, augment=False)
+    cutout = args.cutout_length * size // 32 if args.cutout else 0  # 16 px at 32 px, scaled for other sizes
+    train_set, _, _ = load_dataset(args.dataset, args.data, True, args.image_size, cutout)
+    if args.retrain_val_portion > 0:
+        perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0)).tolist()
+        n_val = int(round(args.retrain_val_portion * len(train_set)))
+        if not 1 <= n_val < len(train_set):
+            raise UsageError(f"--retrain-val-portion {args.retrain_val_portion} leaves an empty split of "
+                             f"{len(train_set)} training images")
+        eval_set, name = torch.utils.data.Subset(plain, perm[:n_val]), "val"
+        train_set = torch.utils.data.Subset(train_set, perm[n_val:])
+    else:
+        (eval_set, _, _), name = load_dataset(args.dataset, args.data, False, args.image_size), "test"
+    sampler = torch.utils.data.DistributedSampler(train_set, world, rank, seed=args.seed) if world > 1 else None
+    train_data = loader(train_set, args.retrain_batch_size // world, True, generator, args.workers, sampler=sampler)
+    return train_data, loader(eval_set, args.retrain_batch_size, False, generator, args.workers), name, num_classes
+
+
+def retrain(genotype, args, device, run_dir, log, method, build=None):
+    """Train `genotype` from scratch with the DARTS protocol and report the final accuracy on the test
+    set (or on held-out training images, --retrain-val-portion). `build(num_classes)` makes the network
+    (default: NetworkCIFAR from the retrain flags). Writes retrain_history.jsonl and checkpoint_retrain.pt
+    every epoch (resumed by --resume) and retrain_curves.png. Under torchrun: DistributedDataParallel,
+    --retrain-batch-size is the global batch split over the processes, every rank evaluates, rank 0 writes."""
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
         if torch.distributed.is_initialized() else (0, 1)
     if args.retrain_batch_size % world:
         raise UsageError(f"--retrain-batch-size {args.retrain_batch_size} does not split over {world} processes")
     generator = torch.Generator().manual_seed(args.seed)
-    test_set, num_classes, size = load_dataset(args.dataset, args.data, False, args.image_size)
-    cutout = args.cutout_length * size // 32 if args.cutout else 0  # 16 px at 32 px, scaled for other sizes
-    train_set, _, _ = load_dataset(args.dataset, args.data, True, args.image_size, cutout)
-    sampler = torch.utils.data.DistributedSampler(train_set, world, rank, seed=args.seed) if world > 1 else None
-    train_data = loader(train_set, args.retrain_batch_size // world, True, generator, args.workers, sampler=sampler)
-    test_data = loader(test_set, args.retrain_batch_size, False, generator, args.workers)
-    net = NetworkCIFAR(args.retrain_init_channels, num_classes, args.retrain_layers, args.auxiliary,
-                       genotype).to(device)
+    train_data, eval_data, split, num_classes = retrain_data(args, generator, world, rank)
+    net = (build(num_classes) if build else NetworkCIFAR(args.retrain_init_channels, num_classes,
+                                                          args.retrain_layers, args.auxiliary, genotype)).to(device)
     params = count_parameters(net)
     log.info("retrain %s: %.3f M parameters (auxiliary head excluded)", genotype, params)
     optimizer = torch.optim.SGD(net.parameters(), args.retrain_lr, momentum=args.retrain_momentum,
@@ -845,22 +1046,22 @@ def retrain(genotype, args, device, run_dir, log, method):
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net  # syncs weights from rank 0
     for epoch in range(start, args.retrain_epochs):
         t0 = time.time()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        if train_data.sampler is not None and hasattr(train_data.sampler, "set_epoch"):
+            train_data.sampler.set_epoch(epoch)
         # drop-path probability ramps linearly from 0 (official train.py)
         net.drop_path_prob = args.drop_path_prob * epoch / args.retrain_epochs
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc = train_epoch(model, train_data, optimizer, device, args, log, epoch)
-        test_loss, test_acc = evaluate(net, test_data, device, args.amp)
-        scheduler.step()
+        eval_loss, eval_acc = evaluate(net, eval_data, device, args.amp)
+        scheduler.step()  # ours: at the end of the epoch (train.py steps first: its epoch 0 trains at eta(1))
         if rank != 0:
             continue
         row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
-               "test_loss": test_loss, "test_acc": test_acc, "seconds": time.time() - t0}
+               f"{split}_loss": eval_loss, f"{split}_acc": eval_acc, "seconds": time.time() - t0}
         history.append(row)
         append_jsonl(run_dir / "retrain_history.jsonl", row)
-        log.info("retrain epoch %d lr %.5f train_acc %.2f test_acc %.2f (best %.2f) %.1fs", epoch, lr, train_acc,
-                 test_acc, max(r["test_acc"] for r in history), row["seconds"])
+        log.info("retrain epoch %d lr %.5f train_acc %.2f %s_acc %.2f %.1fs", epoch, lr, train_acc, split,
+                 eval_acc, row["seconds"])
         save_checkpoint(run_dir / "checkpoint_retrain.pt", {
             **make_checkpoint(method, epoch, args, generator, model=net, optimizer=optimizer, scheduler=scheduler),
             "genotype": genotype_to_dict(genotype)})
@@ -869,11 +1070,49 @@ def retrain(genotype, args, device, run_dir, log, method):
               flush=True)
     if rank != 0:
         return None
-    plot_curves(history, ["train_acc", "test_acc"], run_dir / "retrain_curves.png", "retraining")
-    return {"genotype": genotype_to_dict(genotype), "params_M": params,
-            "test_acc": history[-1]["test_acc"] if history else None,
-            "best_test_acc": max((r["test_acc"] for r in history), default=None),
+    plot_curves(history, ["train_acc", f"{split}_acc"], run_dir / "retrain_curves.png", "retraining")
+    # the result is the last epoch's accuracy: no epoch is picked on the test set
+    return {"genotype": genotype_to_dict(genotype), "params_M": params, f"{split}_acc": history[-1][f"{split}_acc"],
             "retrain_epochs": args.retrain_epochs, "processes": world}
+
+
+# =====================================================================================
+# The pipeline of every method file's main(): search -> derive -> retrain -> test
+# =====================================================================================
+def run(args, script, method, device, genotype, search, build=None):
+    """What main() does after its own checks: load both data splits (errors before any run folder),
+    make the run folder, seed, search (unless `genotype` is given), write genotype.json and its
+    drawing, retrain with common.retrain (build: see retrain) and write results.json.
+    search(args, device, run_dir, log) -> (genotype, summary dict)."""
+    if genotype is not None and args.no_retrain:
+        raise UsageError("--genotype skips the search and --no-retrain skips retraining: nothing to do")
+    check_data(args)
+    rank, world, device = setup_distributed(device)
+    if world > 1 and genotype is None:
+        raise UsageError("under torchrun only retraining is distributed: search with one process, then "
+                         "pass --genotype runs/<run>/genotype.json")
+    run_dir, log = start_run(args, script)
+    seed_everything(args.seed, args.torch_deterministic)
+    results = {"method": method, "dataset": args.dataset, "seed": args.seed}
+    if genotype is None:
+        genotype, results["search"] = search(args, device, run_dir, log)
+    else:
+        log.info("retraining the given genotype, no search: %s", genotype)
+    results["genotype"] = genotype_to_dict(genotype)
+    if rank == 0:
+        write_json(run_dir / "genotype.json", results["genotype"])
+        plot_genotype(genotype, run_dir / "genotype.png")
+    if not args.no_retrain:
+        results["retrain"] = retrain(genotype, args, device, run_dir, log, method, build)
+    if rank != 0:
+        return None
+    if not args.no_retrain:
+        split = "val" if args.retrain_val_portion > 0 else "test"
+        log.info("%s accuracy %.2f %% (last epoch), %.3f M params", split, results["retrain"][f"{split}_acc"],
+                 results["retrain"]["params_M"])
+    write_json(run_dir / "results.json", results)
+    log.info("done: %s", run_dir / "results.json")
+    return results
 
 
 # =====================================================================================

@@ -42,7 +42,7 @@ Deviations from the paper (each is what the official code does, unless marked "o
        writes w - xi grad_w L_train. Neither extra term depends on alpha, so Eq. (6)-(7) are unchanged.
     4. ours: xi is the lr in use and the scheduler steps at the end of each epoch. The official code
        steps it first (epoch 0 trains at eta(1)) and passes scheduler.get_lr(), which on
-       PyTorch >= 1.4 is not the lr in use (card §0.7).
+       PyTorch >= 1.4 is not the lr in use (train_search.py lines 109-110, architect.py).
     5. ours: each epoch walks the shuffled val half once (one val batch per train batch); the
        official code calls next(iter(valid_queue)) every step, a fresh shuffle each time
        (sampling with replacement, and slow on modern PyTorch).
@@ -63,7 +63,7 @@ Deviations from the paper (each is what the official code does, unless marked "o
        computed exactly by double backward by default (--amended-hvp fd gives AdversarialNAS's
        two nested central differences, r = 0.01 each).
    12. Amended-DARTS: with A = d2 L_train / dw dalpha, <g2', g2> = eta v' H A A' H^-1 v, which is
-       >= 0 when, e.g., H and A A' commute, but not sign-definite in general (card §2.1). We
+       >= 0 when, e.g., H and A A' commute, but not sign-definite in general. We
        implement the estimator; notebooks/darts.ipynb measures how often the claim holds.
    13. DARTS+, ours where the paper is silent or unverified: criterion 2 compares, on every edge
        of both cells, the order of the four learnable ops (sep_conv_*, dil_conv_*) by alpha;
@@ -71,6 +71,9 @@ Deviations from the paper (each is what the official code does, unless marked "o
        alphas give random cells with >= 2 skip-connects about a third of the time; the cell of
        the stopping epoch is retrained with the DARTS recipe (the paper's own, reportedly
        longer, retraining is not reproduced).
+   14. ours: the searched cell is derived after the last epoch; train_search.py logs model.genotype() at
+       the start of each epoch (lines 113-114), so its last logged cell is the one before epoch 49 trains.
+   Plus the deviations shared by every method file, listed in common.py's docstring (C1-C5).
 
 Runs: --resume RUN_DIR continues a killed run; under torchrun only retraining is distributed
 (README.md, "Resume a killed run" and "Several GPUs").
@@ -95,35 +98,39 @@ from common import OPS, PRIMITIVES, Genotype, UsageError, arg
 class Args(common.BaseArgs):
     exp_name: str = arg("darts", "name of the method; prefix of the run folder", "run")
     # Algorithm specific arguments (quark0/darts cnn/train_search.py defaults)
-    epochs: int = arg(50, "train_search.py --epochs 50")
-    batch_size: int = arg(64, "train_search.py --batch_size 64 (train and val streams)")
-    lr: float = arg(0.025, "train_search.py --learning_rate 0.025 (weights, SGD)")
-    lr_min: float = arg(0.001, "train_search.py --learning_rate_min 0.001 (cosine floor)")
-    momentum: float = arg(0.9, "train_search.py --momentum 0.9")
-    weight_decay: float = arg(3e-4, "train_search.py --weight_decay 3e-4")
-    init_channels: int = arg(16, "train_search.py --init_channels 16")
-    layers: int = arg(8, "train_search.py --layers 8 (cells in the supernet)")
-    grad_clip: float = arg(5.0, "train_search.py --grad_clip 5 (weights only)")
-    train_portion: float = arg(0.5, "train_search.py --train_portion 0.5 (weights / alpha split)")
+    epochs: int = arg(50, "train_search.py --epochs 50", check=">=1")
+    batch_size: int = arg(64, "train_search.py --batch_size 64 (train and val streams)", check=">=2")
+    lr: float = arg(0.025, "train_search.py --learning_rate 0.025 (weights, SGD)", check=">0")
+    lr_min: float = arg(0.001, "train_search.py --learning_rate_min 0.001 (cosine floor)", check=">=0")
+    momentum: float = arg(0.9, "train_search.py --momentum 0.9", check="[0,1)")
+    weight_decay: float = arg(3e-4, "train_search.py --weight_decay 3e-4", check=">=0")
+    init_channels: int = arg(16, "train_search.py --init_channels 16", check=">=1")
+    layers: int = arg(8, "train_search.py --layers 8 (cells in the supernet; at least 3, or there is no normal "
+                      "cell and alphas_normal gets no gradient)", check=">=3")
+    grad_clip: float = arg(5.0, "train_search.py --grad_clip 5 (weights only); 0 = no clipping", check=">=0")
+    train_portion: float = arg(0.5, "train_search.py --train_portion 0.5 (weights / alpha split)", check="(0,1)")
     unrolled: bool = arg(False, "second order, Eq. (6)-(7) (train_search.py --unrolled)")
-    arch_lr: float = arg(3e-4, "train_search.py --arch_learning_rate 3e-4 (Adam)")
-    arch_weight_decay: float = arg(1e-3, "train_search.py --arch_weight_decay 1e-3")
-    fd_r: float = arg(0.01, "Eq. (7): eps = fd_r / ||v|| (architect.py r=1e-2)")
+    arch_lr: float = arg(3e-4, "train_search.py --arch_learning_rate 3e-4 (Adam)", check=">0",
+                         aliases=("--arch-learning-rate",))
+    arch_weight_decay: float = arg(1e-3, "train_search.py --arch_weight_decay 1e-3", check=">=0")
+    fd_r: float = arg(0.01, "Eq. (7): eps = fd_r / ||v|| (architect.py r=1e-2)", check=">0")
     # Amended-DARTS (Bi et al., arXiv:1910.11831): no official code, see Deviations 11-12
     amended: bool = arg(False, "Amended-DARTS architecture gradient g1 + g2' (instead of first/second order)")
     amending_coef: float = arg(0.1, "Amended-DARTS eta; not stated in what we could read, 0.1 as in "
-                               "AdversarialNAS's configs (ours)")
+                               "AdversarialNAS's configs (ours)", check=">=0")
     amended_hvp: str = arg("exact", "exact (double backward) | fd (nested finite differences, as the only "
-                           "public implementation, AdversarialNAS architect.py)")
+                           "public implementation, AdversarialNAS architect.py)", check=("exact", "fd"))
     # DARTS+ (Liang et al., arXiv:1909.06035): no official code, see Deviation 13
     early_stop: bool = arg(False, "DARTS+ early stopping: criterion 1 or 2, whichever fires first")
-    stop_skip: int = arg(2, "DARTS+ criterion 1: stop when the normal cell has this many skip-connects")
+    stop_skip: int = arg(2, "DARTS+ criterion 1: stop when the normal cell has this many skip-connects",
+                         check=">=0")
     stable_epochs: int = arg(10, "DARTS+ criterion 2: stop when the ranking of the learnable ops' alphas "
-                             "has not changed for this many epochs")
-    stop_min_epochs: int = arg(10, "ours: check the criteria from this epoch on (early cells are random)")
+                             "has not changed for this many epochs", check=">=1")
+    stop_min_epochs: int = arg(10, "ours: check the criteria from this epoch on (early cells are random)",
+                               check=">=0")
     hessian_eigenvalue: bool = arg(False, "ours: log the dominant eigenvalue of the val-loss Hessian in "
                                    "alpha per epoch (RobustDARTS collapse signal) and plot it")
-    eigen_batches: int = arg(2, "ours: val batches the eigenvalue is computed on")
+    eigen_batches: int = arg(2, "ours: val batches the eigenvalue is computed on", check=">=1")
 
 
 # =====================================================================================
@@ -385,7 +392,7 @@ def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, 
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.weight_parameters(), args.grad_clip)
+        common.clip_grad(model.weight_parameters(), args.grad_clip)
         w_optimizer.step()
         loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + common.accuracy(logits, y), n + 1
         if (step + 1) % args.report_freq == 0 or step + 1 == steps:
@@ -496,44 +503,11 @@ def search(args, device, run_dir, log):
 # main: search -> derive -> retrain -> test
 # =====================================================================================
 def main(args):
-    device = common.get_device(args.device)
-    if args.resume:
-        args = common.resume_args(args, __file__)  # the run's own flags; checks folder and checkpoints
-    common.check_common_args(args, device)
-    if not 0 < args.train_portion < 1:
-        raise UsageError(f"--train-portion must be in (0, 1), got {args.train_portion}")
+    args, device = common.prepare(args, __file__)  # --resume's flags, the device, every flag's range
     if args.unrolled and args.amended:
         raise UsageError("--unrolled (second order) and --amended are two architecture gradients; pick one")
-    if args.amended_hvp not in ("exact", "fd"):
-        raise UsageError(f"--amended-hvp must be exact or fd, got {args.amended_hvp!r}")
     genotype = common.parse_genotype(args.genotype) if args.genotype else None  # fail before any work
-    if genotype is not None and args.no_retrain:
-        raise UsageError("--genotype skips the search and --no-retrain skips retraining: nothing to do")
-    rank, world, device = common.setup_distributed(device)
-    if world > 1 and genotype is None:
-        raise UsageError("under torchrun only retraining is distributed: search with one process, then "
-                         "pass --genotype runs/<run>/genotype.json")
-    run_dir, log = common.start_run(args, __file__)
-    common.seed_everything(args.seed, args.torch_deterministic)
-    results = {"method": "darts", "dataset": args.dataset, "seed": args.seed}
-    if genotype is None:
-        genotype, results["search"] = search(args, device, run_dir, log)
-    else:
-        log.info("retraining the given genotype, no search: %s", genotype)
-    results["genotype"] = common.genotype_to_dict(genotype)
-    if rank == 0:
-        common.write_json(run_dir / "genotype.json", results["genotype"])
-        common.plot_genotype(genotype, run_dir / "genotype.png")
-    if not args.no_retrain:
-        results["retrain"] = common.retrain(genotype, args, device, run_dir, log, "darts")
-    if rank != 0:
-        return None
-    if not args.no_retrain:
-        log.info("test accuracy %.2f %% (best %.2f %%), %.3f M params", results["retrain"]["test_acc"],
-                 results["retrain"]["best_test_acc"], results["retrain"]["params_M"])
-    common.write_json(run_dir / "results.json", results)
-    log.info("done: %s", run_dir / "results.json")
-    return results
+    return common.run(args, __file__, "darts", device, genotype, search)
 
 
 if __name__ == "__main__":
