@@ -61,6 +61,7 @@ def finished(d):
 
 @pytest.mark.parametrize("damage,flags,needle", [
     (None, ["--epochs", "7"], "--resume uses the run's own flags; drop --epochs"),
+    (None, ["--batch-size", "64"], "drop --batch-size"),  # 64 is the default: compared with what was typed
     (corrupt, [], "it is corrupt"),
     (other_method, [], "belongs to 'gdas', not 'darts'"),
     (finished, [], "the run has finished"),
@@ -127,3 +128,103 @@ def test_hessian_eigenvalue_is_logged_and_plotted(run):
     hist = rows(d / "search_history.jsonl")
     assert all(isinstance(r["hessian_eigenvalue"], float) for r in hist) and len(hist) == 2
     assert (d / "hessian_eigenvalue.png").stat().st_size > 0 and "dominant eigenvalue" in (d / "log.txt").read_text()
+
+
+def wait_for(path, text, proc, timeout=300):
+    import time
+
+    t0 = time.time()
+    while not (path.exists() and text in path.read_text()):
+        assert proc.poll() is None, "the run ended first"
+        assert time.time() - t0 < timeout
+        time.sleep(0.02)
+
+
+def test_ctrl_c_in_epoch_0_names_the_folder_and_the_resume_command(tmp_path):
+    import signal
+
+    run_dir = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "darts.py"), *FLAGS, "--no-retrain", "--out-dir", str(tmp_path),
+                             "--run-name", "r"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(run_dir / "log.txt", "search epoch 0 step", proc)  # inside epoch 0: no checkpoint yet
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and not (run_dir / "checkpoint_search.pt").exists()
+    line = f"python darts.py --resume {run_dir}"
+    assert err.count("\n") == 1 and "interrupted" in err and "no epoch had finished" in err and line in err, err
+    assert line in (run_dir / "log.txt").read_text()
+    done = run_script("darts.py", "--resume", run_dir, "--device", "cpu", "--workers", "0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(rows(run_dir / "search_history.jsonl")) == 3 and (run_dir / "results.json").exists()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_image_mid_run_names_the_file_and_the_run_resumes(tmp_path, workers):
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / "img" / split / cls).mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(np.full((16, 16, 3), 20 * i, dtype=np.uint8)).save(tmp_path / "img" / split / cls / f"{i}.png")
+    bad = tmp_path / "img" / "train" / "dog" / "3.png"
+    bad.write_bytes(b"not a png")
+    flags = [*TINY, "--dataset", "imagefolder", "--data", tmp_path / "img", "--epochs", "1", "--no-retrain",
+             "--workers", workers, "--out-dir", tmp_path / "runs", "--run-name", "r"]
+    proc = run_script("darts.py", *flags)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"error: cannot read image {bad}") and "Traceback" not in proc.stderr
+    log = (tmp_path / "runs" / "r" / "log.txt").read_text()
+    assert f"cannot read image {bad}" in log and "--resume" in log
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(bad, format="PNG")  # the user fixes it
+    done = run_script("darts.py", "--resume", tmp_path / "runs" / "r", "--device", "cpu", "--workers", "0")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_an_unexpected_error_goes_into_log_txt_with_its_traceback(tmp_path):
+    import darts
+
+    def main(args):
+        args, _ = common.prepare(args, darts.__file__)
+        common.start_run(args, darts.__file__)
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError):
+        common.cli(main, darts.Args, ["--out-dir", str(tmp_path), "--run-name", "r", "--device", "cpu"])
+    log = (tmp_path / "r" / "log.txt").read_text()
+    assert "Traceback" in log and "RuntimeError: a bug" in log and f"--resume {tmp_path / 'r'}" in log
+
+
+def test_a_last_training_batch_of_one_image_is_dropped(run):
+    """digits: 1297 training images, batch 16 -> 81 batches and 1 image left, which BatchNorm cannot train on."""
+    proc, d = run("darts.py", "--genotype", "DARTS_V2", "--dataset", "digits", "--device", "cpu", "--workers", "0",
+                  "--retrain-epochs", "1", "--retrain-batch-size", "16", "--retrain-init-channels", "4",
+                  "--retrain-layers", "3", "--report-freq", "1000")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "retrain epoch 0 step 81/81" in (d / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("size", [9, 13, 30, 64])
+def test_any_image_size_from_8_up_searches_and_retrains(run, size):
+    proc, d = run("darts.py", *TINY, "--image-size", size, "--epochs", "1", "--steps-per-epoch", "2",
+                  "--retrain-epochs", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((d / "results.json").read_text())["retrain"]["test_acc"] is not None
+
+
+@pytest.mark.parametrize("size", [8, 9, 17, 28, 30, 41, 64])
+def test_auxiliary_head_adapts_to_the_image_size(size):
+    net = common.NetworkCIFAR(4, 10, 5, True, common.GENOTYPES["DARTS_V2"]).train()
+    logits, aux = net(torch.randn(2, 3, size, size))
+    assert logits.shape == aux.shape == (2, 10)
+
+
+def test_factorized_reduce_is_the_official_op_at_even_sizes_and_halves_odd_ones():
+    torch.manual_seed(0)
+    op = common.FactorizedReduce(4, 6).eval()
+    x = torch.randn(2, 4, 8, 8)
+    relu = torch.relu(x)
+    want = op.bn(torch.cat([op.conv_1(relu), op.conv_2(relu[:, :, 1:, 1:])], 1))  # the official forward
+    assert torch.equal(op(x), want)
+    assert op(torch.randn(2, 4, 9, 9)).shape == (2, 6, 5, 5) and op(torch.randn(2, 4, 7, 10)).shape == (2, 6, 4, 5)
