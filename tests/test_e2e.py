@@ -14,6 +14,7 @@ SEARCH_FILES = ["args.json", "log.txt", "darts.py", "common.py", "search_history
 RETRAIN_FILES = ["retrain_history.jsonl", "checkpoint_retrain.pt", "retrain_curves.png", "results.json"]
 
 
+@pytest.mark.slow
 def test_second_order_search_and_retrain_on_fake_writes_the_run_folder(run):
     proc, run_dir = run("darts.py", *TINY, "--unrolled")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -37,6 +38,7 @@ def test_second_order_search_and_retrain_on_fake_writes_the_run_folder(run):
     assert "search epoch 1 step 8/8" in log and "retrain epoch 0" in log and "test accuracy" in log
 
 
+@pytest.mark.slow
 def test_digits_search_then_retrain_learns(run):
     """Real data: a broken search or retraining pipeline cannot clear 90 % (chance is 10 %)."""
     proc, run_dir = run("darts.py", "--dataset", "digits", "--device", "cpu", "--workers", "0", "--epochs", "3",
@@ -106,6 +108,7 @@ def test_help_lists_paper_defaults():
         assert text in proc.stdout
 
 
+@pytest.mark.slow
 def test_amended_darts_search_runs(run):
     proc, run_dir = run("darts.py", *TINY, "--amended", "--epochs", "1", "--no-retrain")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -113,6 +116,7 @@ def test_amended_darts_search_runs(run):
     assert results["search"]["order"] == "amended" and results["search"]["early_stop"] is None
 
 
+@pytest.mark.slow
 def test_darts_plus_early_stop_retrains_the_cell_of_the_stopping_epoch(run, tmp_path):
     # --stop-skip 0 makes criterion 1 fire as soon as it is checked: at --stop-min-epochs 1
     proc, run_dir = run("darts.py", *TINY, "--epochs", "4", "--early-stop", "--stop-skip", "0",

@@ -20,12 +20,14 @@ def snapshot(folder):
 FLAGS = [*TINY, "--epochs", "3", "--retrain-epochs", "3"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     ref = run_script("darts.py", *FLAGS, "--out-dir", tmp_path, "--run-name", "ref")
     assert ref.returncode == 0, ref.stderr[-2000:]
     kill_resume_and_compare("darts.py", FLAGS, tmp_path, tmp_path / "ref")  # killed in search and in retraining
 
 
+@pytest.mark.slow
 def test_same_seed_gives_bit_identical_alphas(run):
     flags = [*TINY, "--epochs", "1", "--steps-per-epoch", "4", "--no-retrain"]
     (p1, d1), (p2, d2) = run("darts.py", *flags, name="a"), run("darts.py", *flags, name="b")
@@ -122,6 +124,7 @@ def test_dominant_eigenvalue_matches_closed_form():
         assert common.dominant_eigenvalue(loss, x, iters=200, tol=1e-12) == pytest.approx(max(eigs, key=abs), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_hessian_eigenvalue_is_logged_and_plotted(run):
     proc, d = run("darts.py", *TINY, "--no-retrain", "--hessian-eigenvalue", "--eigen-batches", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -140,6 +143,7 @@ def wait_for(path, text, proc, timeout=300):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_epoch_0_names_the_folder_and_the_resume_command(tmp_path):
     import signal
 
@@ -205,7 +209,7 @@ def test_a_last_training_batch_of_one_image_is_dropped(run):
     assert "retrain epoch 0 step 81/81" in (d / "log.txt").read_text()
 
 
-@pytest.mark.parametrize("size", [9, 13, 30, 64])
+@pytest.mark.parametrize("size", [9, 13, 30, pytest.param(64, marks=pytest.mark.slow)])
 def test_any_image_size_from_8_up_searches_and_retrains(run, size):
     proc, d = run("darts.py", *TINY, "--image-size", size, "--epochs", "1", "--steps-per-epoch", "2",
                   "--retrain-epochs", "1")
