@@ -37,9 +37,13 @@ Deviations from the paper (each is what the official code does, unless marked "o
        drives everything).
     2. ours: the lr scheduler steps at the end of each epoch. The official code steps it first, so
        epoch 0 trains at eta(1) and, with lr_min = 0, the last epoch of every stage trains the
-       weights with lr 0 (card §0.7).
-    3. Skip-connect dropout rates 0.1, 0.4, 0.7 are the README's command. The paper's text, which
-       we could not read here, reportedly says 0.0, 0.4, 0.7 (unverified; card §5.1).
+       weights with lr 0 (train_search.py lines 146-148).
+    3. Skip-connect dropout p0 per stage, where the paper and the official code differ: the default
+       0.1, 0.4, 0.7 is the README's search command, for CIFAR-10 and, with --cifar100 added, for
+       CIFAR-100 too; train_search.py alone falls back to 0, 0, 0 unless --dropout_rate is given 3
+       times (lines 119-122). The paper's experiments give 0.0, 0.4, 0.7 on CIFAR-10 and 0.1, 0.2,
+       0.3 on CIFAR-100 (only a summary of that section was readable here: unverified). We follow
+       the README on every dataset; for the paper's CIFAR-100 rates pass --dropout-rate 0.1,0.2,0.3.
     4. ours: the per-stage flags (--add-layers, --add-width, --num-to-keep, --dropout-rate) need one
        value per stage and are checked; the official code silently falls back to its defaults
        (and to no dropout at all) unless each is given exactly 3 times.
@@ -52,13 +56,18 @@ Deviations from the paper (each is what the official code does, unless marked "o
        the end.
     7. ours: one device, no nn.DataParallel. As in the official code each epoch walks the val half
        once for the alpha steps (its iterator is rebuilt per epoch) and evaluates it only in the
-       last --eval-last 5 epochs of each stage.
+       last 4 epochs of each stage (train_search.py line 164, `if epochs - epoch < 5`: epochs 21-24
+       of 25; --eval-last 4). ours: --eval-last 0 evaluates every epoch.
     8. ours: alpha are nn.Parameters and every checkpoint holds the stage, the op sets of all stages
        so far, weights, alpha, optimisers, scheduler and RNGs, so a run killed in any stage resumes
        there (official: weights.pt at the end of each stage, no resume).
     9. Retraining is train_cifar.py with the README's --auxiliary --cutout: batch 128, drop path 0.3,
        600 epochs, C=36, 20 cells. ours: one --seed for search and retraining (official 2 and 0).
    10. ours: --amp (bfloat16 autocast, CUDA only) for weight and alpha steps and retraining.
+   11. ours: the warm-up is a flag, --warmup-epochs 10 (alias --arch-start-epoch); train_search.py
+       hard-codes eps_no_archs = [10, 10, 10] (line 123). Every stage has at least 3 cells (--layers
+       >= 3, --add-layers >= 0): with fewer there is no normal cell and its alpha gets no gradient.
+   Plus the deviations shared by every method file, listed in common.py's docstring (C1-C5).
 
 Runs: --resume RUN_DIR continues a killed run; under torchrun only retraining is distributed
 (README.md, "Resume a killed run" and "Several GPUs").
@@ -87,37 +96,41 @@ N_EDGES = 14  # 2 + 3 + 4 + 5 edges into the 4 intermediate nodes
 class Args(common.BaseArgs):
     exp_name: str = arg("p_darts", "name of the method; prefix of the run folder", "run")
     # Algorithm specific arguments (chenxin061/pdarts train_search.py defaults and README command)
-    epochs: int = arg(25, "train_search.py --epochs 25 (per stage)")
-    batch_size: int = arg(96, "train_search.py --batch_size 96 (train and val streams)")
-    lr: float = arg(0.025, "train_search.py --learning_rate 0.025 (weights, SGD)")
-    lr_min: float = arg(0.0, "train_search.py --learning_rate_min 0.0 (cosine floor, per stage)")
-    momentum: float = arg(0.9, "train_search.py --momentum 0.9")
-    weight_decay: float = arg(3e-4, "train_search.py --weight_decay 3e-4")
-    init_channels: int = arg(16, "train_search.py --init_channels 16")
-    layers: int = arg(5, "train_search.py --layers 5 (cells in the stage-1 supernet)")
-    grad_clip: float = arg(5.0, "train_search.py --grad_clip 5 (weights)")
-    arch_grad_clip: float = arg(5.0, "train_search.py clips the alpha gradient with --grad_clip 5 too")
-    train_portion: float = arg(0.5, "train_search.py --train_portion 0.5 (weights / alpha split)")
-    arch_lr: float = arg(6e-4, "train_search.py --arch_learning_rate 6e-4 (Adam, betas 0.5, 0.999)")
-    arch_weight_decay: float = arg(1e-3, "train_search.py --arch_weight_decay 1e-3")
-    arch_start_epoch: int = arg(10, "(P2) train_search.py eps_no_archs 10: alpha is updated from this epoch "
-                                "of each stage on, weights only before")
-    add_layers: str = arg("0,6,12", "(P1) cells added to --layers in each stage: 5, 11, 17 cells (README "
-                          "--add_layers 6 --add_layers 12; also the code's fallback)")
-    add_width: str = arg("0,0,0", "channels added to --init-channels in each stage (train_search.py --add_width)")
+    epochs: int = arg(25, "train_search.py --epochs 25 (per stage)", check=">=1")
+    batch_size: int = arg(96, "train_search.py --batch_size 96 (train and val streams)", check=">=2")
+    lr: float = arg(0.025, "train_search.py --learning_rate 0.025 (weights, SGD)", check=">0")
+    lr_min: float = arg(0.0, "train_search.py --learning_rate_min 0.0 (cosine floor, per stage)", check=">=0")
+    momentum: float = arg(0.9, "train_search.py --momentum 0.9", check="[0,1)")
+    weight_decay: float = arg(3e-4, "train_search.py --weight_decay 3e-4", check=">=0")
+    init_channels: int = arg(16, "train_search.py --init_channels 16", check=">=1")
+    layers: int = arg(5, "train_search.py --layers 5 (cells in the stage-1 supernet; at least 3, or a stage has no "
+                      "normal cell and alphas_normal gets no gradient)", check=">=3")
+    grad_clip: float = arg(5.0, "train_search.py --grad_clip 5 (weights); 0 = no clipping", check=">=0")
+    arch_grad_clip: float = arg(5.0, "train_search.py clips the alpha gradient with --grad_clip 5 too; "
+                                "0 = no clipping", check=">=0")
+    train_portion: float = arg(0.5, "train_search.py --train_portion 0.5 (weights / alpha split)", check="(0,1)")
+    arch_lr: float = arg(6e-4, "train_search.py --arch_learning_rate 6e-4 (Adam, betas 0.5, 0.999)", check=">0",
+                         aliases=("--arch-learning-rate",))
+    arch_weight_decay: float = arg(1e-3, "train_search.py --arch_weight_decay 1e-3", check=">=0")
+    warmup_epochs: int = arg(10, "(P2) train_search.py eps_no_archs 10: weights only in 0-based epochs 0..N-1 of "
+                             "each stage, alpha from epoch N on", check=">=0", aliases=("--arch-start-epoch",))
+    add_layers: str = arg("0,6,12", "(P1) cells added to --layers in each stage, each >= 0: 5, 11, 17 cells "
+                          "(README --add_layers 6 --add_layers 12; also the code's fallback)")
+    add_width: str = arg("0,0,0", "channels added to --init-channels in each stage, each >= 0 "
+                         "(train_search.py --add_width)")
     num_to_keep: str = arg("5,3,1", "(P1) ops kept per edge after each stage, so stages search 8, 5, 3 ops "
                            "(train_search.py num_to_keep); the last must be 1")
-    dropout_rate: str = arg("0.1,0.4,0.7", "(P2) initial skip-connect dropout p0 per stage (README "
-                            "--dropout_rate 0.1 / 0.4 / 0.7)")
+    dropout_rate: str = arg("0.1,0.4,0.7", "(P2) initial skip-connect dropout p0 per stage, each in [0, 1) (README "
+                            "--dropout_rate 0.1 / 0.4 / 0.7; the paper's CIFAR-100 rates: 0.1,0.2,0.3, Deviation 3)")
     dropout_decay: float = arg(0.2, "(P2) p0 exp(-decay (e - e_a)) once alpha is updated (train_search.py "
-                               "scale_factor 0.2)")
+                               "scale_factor 0.2)", check=">=0")
     max_skip: int = arg(2, "(P4) at most M skip-connects in the normal cell (authors' advice, pdarts#21); "
-                        "8 = no limit")
-    eval_last: int = arg(5, "evaluate the val half in the last N epochs of each stage (train_search.py: 5); "
-                         "0 = every epoch")
-    # Retraining: train_cifar.py differs from DARTS's train.py in these two defaults (card §5.2)
-    retrain_batch_size: int = arg(128, "train_cifar.py --batch_size 128", "retrain")
-    drop_path_prob: float = arg(0.3, "train_cifar.py --drop_path_prob 0.3 (linear ramp from 0)", "retrain")
+                        "8 = no limit", check="[0,8]")
+    eval_last: int = arg(4, "evaluate the val half in the last N epochs of each stage (train_search.py line 164: "
+                         "4); 0 = every epoch", check=">=0")
+    # Retraining: train_cifar.py differs from DARTS's train.py in these two defaults (train_cifar.py lines 22, 34)
+    retrain_batch_size: int = arg(128, "train_cifar.py --batch_size 128", "retrain", ">=2")
+    drop_path_prob: float = arg(0.3, "train_cifar.py --drop_path_prob 0.3 (linear ramp from 0)", "retrain", "[0,1)")
 
 
 def stage_settings(args):
@@ -133,6 +146,9 @@ def stage_settings(args):
         if len(lists[name]) != len(lists["add_layers"]):
             raise UsageError(f"{flag} has {len(lists[name])} values but --add-layers has "
                              f"{len(lists['add_layers'])}: give one value per stage")
+    for name, what in (("add_layers", "cells"), ("add_width", "channels")):
+        if min(lists[name]) < 0:  # so every stage has >= --layers >= 3 cells
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: each stage adds >= 0 {what}")
     keep = lists["num_to_keep"]
     counts = [len(PRIMITIVES)] + keep  # ops per edge searched in each stage, then kept after the last
     if keep[-1] != 1 or any(not 3 <= k <= n for n, k in zip(counts, keep[:-1])):
@@ -140,17 +156,11 @@ def stage_settings(args):
                          "and at least 3, and the last keeps 1 (official 5,3,1)")
     if any(not 0 <= p < 1 for p in lists["dropout_rate"]):
         raise UsageError(f"--dropout-rate {args.dropout_rate}: rates must be in [0, 1)")
-    if not 0 <= args.arch_start_epoch < args.epochs:
-        raise UsageError(f"--arch-start-epoch {args.arch_start_epoch} must be in [0, --epochs {args.epochs}): "
-                         "otherwise alpha is never updated")
-    if not 0 <= args.max_skip <= 8:
-        raise UsageError(f"--max-skip must be in 0..8 (a cell has 8 edges), got {args.max_skip}")
-    if args.eval_last < 0:
-        raise UsageError(f"--eval-last must be >= 0 (0 = every epoch), got {args.eval_last}")
+    if args.warmup_epochs >= args.epochs:
+        raise UsageError(f"--warmup-epochs {args.warmup_epochs} must be < --epochs {args.epochs}: otherwise "
+                         "alpha is never updated")
     stages = [{"cells": args.layers + a, "channels": args.init_channels + w, "keep": k, "dropout": p}
               for a, w, k, p in zip(*lists.values())]
-    if any(s["cells"] < 1 or s["channels"] < 2 for s in stages):
-        raise UsageError("--layers + --add-layers must be >= 1 and --init-channels + --add-width >= 2 in every stage")
     return stages
 
 
@@ -350,7 +360,7 @@ def derive_genotype(w_normal, w_reduce, max_skip=2, steps=4, multiplier=4):
 # Search loop
 # =====================================================================================
 def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, args, log, epoch, train_arch):
-    """One epoch of a stage: per train batch, first (from --arch-start-epoch on) a first-order alpha
+    """One epoch of a stage: per train batch, first (from --warmup-epochs on) a first-order alpha
     step on a val batch with its gradient norm clipped, then a weight step on the train batch."""
     model.train()
     steps = min(len(train_data), args.steps_per_epoch or len(train_data))
@@ -366,7 +376,7 @@ def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, 
             for a, g in zip(model.arch_parameters(), grads):
                 a.grad = g
             # ALGO LOGIC: P-DARTS clips the alpha gradient too (norm 5); DARTS does not
-            nn.utils.clip_grad_norm_(model.arch_parameters(), args.arch_grad_clip)
+            common.clip_grad(model.arch_parameters(), args.arch_grad_clip)
             a_optimizer.step()
         # weight step (SGD on w, grad-norm clip 5)
         w_optimizer.zero_grad(set_to_none=True)
@@ -374,13 +384,19 @@ def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, 
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.weight_parameters(), args.grad_clip)
+        common.clip_grad(model.weight_parameters(), args.grad_clip)
         w_optimizer.step()
         loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + common.accuracy(logits, y), n + 1
         if (step + 1) % args.report_freq == 0 or step + 1 == steps:
             log.info("search epoch %d step %d/%d loss %.4f acc %.2f (%.3f s/step)", epoch, step + 1, steps,
                      loss_sum / n, acc_sum / n, (time.time() - t0) / n)
     return loss_sum / max(n, 1), acc_sum / max(n, 1), (time.time() - t0) / max(n, 1)
+
+
+def evaluates(epoch, epochs, eval_last):
+    """Is the val half evaluated after 0-based epoch `epoch` of a stage? In the last eval_last epochs
+    (train_search.py line 164, `if epochs - epoch < 5`, is eval_last = 4); eval_last 0: every epoch."""
+    return not eval_last or epoch >= epochs - eval_last
 
 
 def log_op_sets(log, ops, title):
@@ -436,14 +452,14 @@ def search(args, device, run_dir, log):
         for epoch in range(max(start, stage * E), (stage + 1) * E):
             t0, e = time.time(), epoch - stage * E
             lr = w_optimizer.param_groups[0]["lr"]
-            p = skip_dropout_rate(cfg["dropout"], e, E, args.arch_start_epoch, args.dropout_decay)
+            p = skip_dropout_rate(cfg["dropout"], e, E, args.warmup_epochs, args.dropout_decay)
             model.set_skip_dropout(p)
-            train_arch = e >= args.arch_start_epoch  # (P2) weights only for the first epochs of each stage
+            train_arch = e >= args.warmup_epochs  # (P2) weights only for the first epochs of each stage
             val_iter = common.forever(val_data)  # one pass of the val half per epoch at the 50/50 split
             train_loss, train_acc, s_per_step = search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer,
                                                              device, args, log, epoch, train_arch)
             val_loss = val_acc = None
-            if not args.eval_last or e >= E - args.eval_last:
+            if evaluates(e, E, args.eval_last):
                 val_loss, val_acc = common.evaluate(model, val_data, device, args.amp, args.steps_per_epoch)
             scheduler.step()
             weights = model.weights()
@@ -534,41 +550,11 @@ def plot_stage_alphas(stage_weights, genotype, stages, path):
 # main: search -> derive -> retrain -> test
 # =====================================================================================
 def main(args):
-    device = common.get_device(args.device)
-    if args.resume:
-        args = common.resume_args(args, __file__)  # the run's own flags; checks folder and checkpoints
-    common.check_common_args(args, device)
-    if not 0 < args.train_portion < 1:
-        raise UsageError(f"--train-portion must be in (0, 1), got {args.train_portion}")
-    stage_settings(args)  # inconsistent per-stage flags fail before any work
-    genotype = common.parse_genotype(args.genotype) if args.genotype else None
-    if genotype is not None and args.no_retrain:
-        raise UsageError("--genotype skips the search and --no-retrain skips retraining: nothing to do")
-    rank, world, device = common.setup_distributed(device)
-    if world > 1 and genotype is None:
-        raise UsageError("under torchrun only retraining is distributed: search with one process, then "
-                         "pass --genotype runs/<run>/genotype.json")
-    run_dir, log = common.start_run(args, __file__)
-    common.seed_everything(args.seed, args.torch_deterministic)
-    results = {"method": "p_darts", "dataset": args.dataset, "seed": args.seed}
+    args, device = common.prepare(args, __file__)  # --resume's flags, the device, every flag's range
+    genotype = common.parse_genotype(args.genotype) if args.genotype else None  # fail before any work
     if genotype is None:
-        genotype, results["search"] = search(args, device, run_dir, log)
-    else:
-        log.info("retraining the given genotype, no search: %s", genotype)
-    results["genotype"] = common.genotype_to_dict(genotype)
-    if rank == 0:
-        common.write_json(run_dir / "genotype.json", results["genotype"])
-        common.plot_genotype(genotype, run_dir / "genotype.png")
-    if not args.no_retrain:
-        results["retrain"] = common.retrain(genotype, args, device, run_dir, log, "p_darts")
-    if rank != 0:
-        return None
-    if not args.no_retrain:
-        log.info("test accuracy %.2f %% (best %.2f %%), %.3f M params", results["retrain"]["test_acc"],
-                 results["retrain"]["best_test_acc"], results["retrain"]["params_M"])
-    common.write_json(run_dir / "results.json", results)
-    log.info("done: %s", run_dir / "results.json")
-    return results
+        stage_settings(args)  # inconsistent per-stage flags fail before any work
+    return common.run(args, __file__, "p_darts", device, genotype, search)
 
 
 if __name__ == "__main__":

@@ -35,25 +35,31 @@ Deviations from the paper (each is what the official code does, unless marked "o
     3. The search lr anneals by cosine to 0 (main branch --learning_rate_min 0.0; the
        V100_python1.0 copy uses 0.001: pass --lr-min 0.001 for it).
     4. ours: the scheduler steps at the end of each epoch (epoch 0 trains at lr 0.1); the official
-       code steps it first, so epoch 0 trains at eta(1) (card §0.7), as in darts.py.
+       code steps it first, so epoch 0 trains at eta(1) (train_search.py lines 112-114), as in darts.py.
     5. ours: each epoch walks the shuffled val half once (one val batch per train batch), like the
        V100_python1.0 copy's persistent iterator; the main branch calls next(iter(valid_queue))
        every step (sampling with replacement).
     6. ours: alpha and beta are nn.Parameters, so they are in every checkpoint (official: plain
        tensors, absent from weights.pt).
-    7. ours: the val half is evaluated after every epoch (official: last epoch only), for the
-       curves; it adds one forward pass over the val half per epoch to the search time.
+    7. ours: the val half is evaluated after every epoch (official: last epoch only, train_search.py
+       lines 128-130), for the curves; it adds one forward pass over the val half per epoch.
     8. First order only: train_search.py keeps DARTS's --unrolled flag, but PC-DARTS is built on
        first-order DARTS (author, yuhuixu1993/PC-DARTS#23) and its numbers use it; no --unrolled here.
     9. Retraining is the DARTS protocol of common.retrain with train.py's one change,
        --drop-path-prob 0.3; auxiliary towers and cutout on, as the README command passes them.
-       Batch 96 as in train.py; we could not check whether the paper says 128 (card §4.2).
+       Batch 96 as in train.py (line 23); we could not check whether the paper says 128.
    10. ours: the warm-up length is a flag (--warmup-epochs); train_search.py hard-codes
        `if epoch >= 15`. During warm-up alpha and beta do not move (no Adam step at all).
    11. ours: --amp (bfloat16 autocast, CUDA only), and the peak memory of each epoch is logged
        (CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak RSS).
    12. The equation and section numbers are those of the arXiv text as we recall it; we could not
        read the PDF here to re-check them (the formulas themselves match model_search.py).
+   13. ours: odd feature-map sizes work (any --image-size >= 8): on stride-2 edges the bypass pool
+       rounds up (MaxPool2d(2, 2, ceil_mode=True)) to ceil(H/2) like the ops; the official
+       MaxPool2d(2, 2) (model_search.py line 30) rounds down and the concat fails. Even sizes: identical.
+   14. ours: the searched cell is derived after the last epoch; train_search.py logs model.genotype() at
+       the start of each epoch (lines 117-118), so its last logged cell is the one before epoch 49 trains.
+   Plus the deviations shared by every method file, listed in common.py's docstring (C1-C5).
 
 --k 1 gives DARTS's mixed op (all channels, no shuffle) with edge normalisation added.
 Runs: --resume RUN_DIR continues a killed run; under torchrun only retraining is distributed
@@ -79,23 +85,28 @@ from common import OPS, PRIMITIVES, Genotype, UsageError, arg
 class Args(common.BaseArgs):
     exp_name: str = arg("pc_darts", "name of the method; prefix of the run folder", "run")
     # Algorithm specific arguments (yuhuixu1993/PC-DARTS train_search.py defaults)
-    epochs: int = arg(50, "train_search.py --epochs 50")
-    batch_size: int = arg(256, "train_search.py --batch_size 256 (train and val streams)")
-    lr: float = arg(0.1, "train_search.py --learning_rate 0.1 (weights, SGD)")
-    lr_min: float = arg(0.0, "train_search.py --learning_rate_min 0.0 (cosine floor; V100 copy: 0.001)")
-    momentum: float = arg(0.9, "train_search.py --momentum 0.9")
-    weight_decay: float = arg(3e-4, "train_search.py --weight_decay 3e-4")
-    init_channels: int = arg(16, "train_search.py --init_channels 16")
-    layers: int = arg(8, "train_search.py --layers 8 (cells in the supernet)")
-    grad_clip: float = arg(5.0, "train_search.py --grad_clip 5 (weights only)")
-    train_portion: float = arg(0.5, "train_search.py --train_portion 0.5 (weights / alpha split)")
-    arch_lr: float = arg(6e-4, "train_search.py --arch_learning_rate 6e-4 (Adam, alpha and beta)")
-    arch_weight_decay: float = arg(1e-3, "train_search.py --arch_weight_decay 1e-3")
+    epochs: int = arg(50, "train_search.py --epochs 50", check=">=1")
+    batch_size: int = arg(256, "train_search.py --batch_size 256 (train and val streams)", check=">=2")
+    lr: float = arg(0.1, "train_search.py --learning_rate 0.1 (weights, SGD)", check=">0")
+    lr_min: float = arg(0.0, "train_search.py --learning_rate_min 0.0 (cosine floor; V100 copy: 0.001)",
+                        check=">=0")
+    momentum: float = arg(0.9, "train_search.py --momentum 0.9", check="[0,1)")
+    weight_decay: float = arg(3e-4, "train_search.py --weight_decay 3e-4", check=">=0")
+    init_channels: int = arg(16, "train_search.py --init_channels 16 (a multiple of --k)", check=">=1")
+    layers: int = arg(8, "train_search.py --layers 8 (cells in the supernet; at least 3, or there is no normal "
+                      "cell and alphas_normal gets no gradient)", check=">=3")
+    grad_clip: float = arg(5.0, "train_search.py --grad_clip 5 (weights only); 0 = no clipping", check=">=0")
+    train_portion: float = arg(0.5, "train_search.py --train_portion 0.5 (weights / alpha split)", check="(0,1)")
+    arch_lr: float = arg(6e-4, "train_search.py --arch_learning_rate 6e-4 (Adam, alpha and beta)", check=">0",
+                         aliases=("--arch-learning-rate",))
+    arch_weight_decay: float = arg(1e-3, "train_search.py --arch_weight_decay 1e-3", check=">=0")
     k: int = arg(4, "Eq. (2): 1/K of the channels go through the ops (model_search.py self.k = 4; "
-                 "ImageNet search: 2)")
-    warmup_epochs: int = arg(15, "train weights only for this many epochs (train_search.py `if epoch >= 15`)")
-    # retraining: train.py differs from DARTS's only here (card §4.2)
-    drop_path_prob: float = arg(0.3, "train.py --drop_path_prob 0.3 (DARTS: 0.2; linear ramp from 0)", "retrain")
+                 "ImageNet search: 2)", check=">=1")
+    warmup_epochs: int = arg(15, "train weights only in 0-based epochs 0..N-1, alpha and beta from epoch N on "
+                             "(train_search.py `if epoch >= 15`)", check=">=0")
+    # retraining: train.py differs from DARTS's only here (train.py line 37)
+    drop_path_prob: float = arg(0.3, "train.py --drop_path_prob 0.3 (DARTS: 0.2; linear ramp from 0)", "retrain",
+                                "[0,1)")
 
 
 # =====================================================================================
@@ -121,8 +132,9 @@ class MixedOp(nn.Module):
             if "pool" in name:
                 op = nn.Sequential(op, nn.BatchNorm2d(C // k, affine=False))
             self.ops.append(op)
-        # the bypassed channels must shrink like the op outputs on stride-2 edges (official self.mp)
-        self.bypass = nn.MaxPool2d(2, 2) if stride == 2 else nn.Identity()
+        # the bypassed channels must shrink like the op outputs on stride-2 edges (official self.mp);
+        # Deviation 13: ceil_mode gives ceil(H/2) as the ops do, also at odd H (same as official at even H)
+        self.bypass = nn.MaxPool2d(2, 2, ceil_mode=True) if stride == 2 else nn.Identity()
 
     def forward(self, x, weights):  # x: (B, C, H, W), weights: (n_ops,) = softmax(alpha^(i,j))
         c = x.shape[1] // self.k
@@ -284,7 +296,7 @@ def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, 
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.weight_parameters(), args.grad_clip)
+        common.clip_grad(model.weight_parameters(), args.grad_clip)
         w_optimizer.step()
         loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + common.accuracy(logits, y), n + 1
         if (step + 1) % args.report_freq == 0 or step + 1 == steps:
@@ -407,46 +419,15 @@ def search(args, device, run_dir, log):
 # main: search -> derive -> retrain -> test
 # =====================================================================================
 def main(args):
-    device = common.get_device(args.device)
-    if args.resume:
-        args = common.resume_args(args, __file__)  # the run's own flags; checks folder and checkpoints
-    common.check_common_args(args, device)
-    if not 0 < args.train_portion < 1:
-        raise UsageError(f"--train-portion must be in (0, 1), got {args.train_portion}")
+    args, device = common.prepare(args, __file__)  # --resume's flags, the device, every flag's range
     genotype = common.parse_genotype(args.genotype) if args.genotype else None  # fail before any work
-    if genotype is not None and args.no_retrain:
-        raise UsageError("--genotype skips the search and --no-retrain skips retraining: nothing to do")
-    if genotype is None and (args.k < 1 or args.init_channels % args.k):
+    if genotype is None and args.init_channels % args.k:
         raise UsageError(f"--init-channels {args.init_channels} must be a multiple of --k {args.k} (the ops get "
                          "C/K channels and the channel shuffle needs K equal groups)")
-    if genotype is None and not 0 <= args.warmup_epochs < args.epochs:
+    if genotype is None and args.warmup_epochs >= args.epochs:
         raise UsageError(f"--warmup-epochs {args.warmup_epochs} leaves no architecture step in --epochs "
                          f"{args.epochs}: the cell would be read off the random initial alpha")
-    rank, world, device = common.setup_distributed(device)
-    if world > 1 and genotype is None:
-        raise UsageError("under torchrun only retraining is distributed: search with one process, then "
-                         "pass --genotype runs/<run>/genotype.json")
-    run_dir, log = common.start_run(args, __file__)
-    common.seed_everything(args.seed, args.torch_deterministic)
-    results = {"method": "pc_darts", "dataset": args.dataset, "seed": args.seed}
-    if genotype is None:
-        genotype, results["search"] = search(args, device, run_dir, log)
-    else:
-        log.info("retraining the given genotype, no search: %s", genotype)
-    results["genotype"] = common.genotype_to_dict(genotype)
-    if rank == 0:
-        common.write_json(run_dir / "genotype.json", results["genotype"])
-        common.plot_genotype(genotype, run_dir / "genotype.png")
-    if not args.no_retrain:
-        results["retrain"] = common.retrain(genotype, args, device, run_dir, log, "pc_darts")
-    if rank != 0:
-        return None
-    if not args.no_retrain:
-        log.info("test accuracy %.2f %% (best %.2f %%), %.3f M params", results["retrain"]["test_acc"],
-                 results["retrain"]["best_test_acc"], results["retrain"]["params_M"])
-    common.write_json(run_dir / "results.json", results)
-    log.info("done: %s", run_dir / "results.json")
-    return results
+    return common.run(args, __file__, "pc_darts", device, genotype, search)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from conftest import ROOT, read_jsonl, run_script
 
 # 3 stages of 2 epochs (alpha on from epoch 1), 3 / 4 / 5 cells, on 8x8 fake images: seconds on CPU
 FAKE = ["--device", "cpu", "--workers", "0", "--dataset", "fake", "--image-size", "8", "--epochs", "2",
-        "--arch-start-epoch", "1", "--batch-size", "8", "--steps-per-epoch", "2", "--init-channels", "4",
+        "--warmup-epochs", "1", "--batch-size", "8", "--steps-per-epoch", "2", "--init-channels", "4",
         "--layers", "3", "--add-layers", "0,1,2", "--retrain-epochs", "1", "--retrain-init-channels", "4",
         "--retrain-layers", "3", "--retrain-batch-size", "16", "--report-freq", "1"]
 FILES = ["args.json", "log.txt", "p_darts.py", "common.py", "search_history.jsonl", "alphas.jsonl", "genotype.json",
@@ -181,7 +181,7 @@ def test_stage_network_has_the_configured_cells_and_only_the_surviving_ops():
 
 def test_stage1_supernet_size_matches_the_official_log():
     """1.276 M for stage 1 (C=16, 5 cells, 8 ops): the official log quoted in chenxin061/pdarts#10
-    (card §0.3); the official count_parameters_in_MB counts alpha too."""
+    ("param size = 1.276..MB" from train_search.py line 128); its count_parameters_in_MB counts alpha too."""
     ops8 = [list(PRIMITIVES)] * 14
     net = p_darts.Network(16, 10, 5, ops8, ops8, p=0.1)
     assert round(sum(p.numel() for p in net.parameters()) / 1e6, 3) == 1.276
@@ -208,13 +208,74 @@ def test_alpha_gradient_is_clipped():
     (dict(num_to_keep="5,2,1"), "at least 3"),
     (dict(num_to_keep="5,3,2"), "the last keeps 1"),
     (dict(add_layers="0,x,12"), "comma-separated numbers"),
-    (dict(epochs=8), "--arch-start-epoch 10 must be in [0, --epochs 8)"),
-    (dict(max_skip=9), "--max-skip must be in 0..8"),
+    (dict(add_layers="0,-3,6"), "--add-layers 0,-3,6: each stage adds >= 0 cells"),
+    (dict(add_width="0,0,-1"), "--add-width 0,0,-1: each stage adds >= 0 channels"),
+    (dict(dropout_rate="0.1,0.4,1"), "rates must be in [0, 1)"),
+    (dict(epochs=8), "--warmup-epochs 10 must be < --epochs 8"),
 ])
 def test_inconsistent_stage_flags_are_usage_errors(flags, needle):
     with pytest.raises(UsageError) as e:
         p_darts.stage_settings(p_darts.Args(**flags))
     assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--dropout-rate", "0.1,0.4"], "--dropout-rate has 2 values but --add-layers has 3: give one value per stage"),
+    (["--add-layers", "0,,12"], "--add-layers takes comma-separated numbers, one per stage; got '0,,12'"),
+    (["--add-layers", "0,-1,2"], "--add-layers 0,-1,2: each stage adds >= 0 cells"),
+    (["--num-to-keep", "5,3,2"], "the last keeps 1"),
+    (["--dropout-rate", "0.1,nan,0.7"], "rates must be in [0, 1)"),
+    (["--warmup-epochs", "2"], "--warmup-epochs 2 must be < --epochs 2"),
+    (["--arch-start-epoch", "3"], "--warmup-epochs 3 must be < --epochs 2"),  # the old name still works
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be >=0, got -1"),
+    (["--max-skip", "9"], "--max-skip must be [0, 8], got 9"),
+    (["--eval-last", "-1"], "--eval-last must be >=0"),
+    (["--arch-grad-clip", "-1"], "--arch-grad-clip must be >=0"),
+    (["--dropout-decay", "-0.5"], "--dropout-decay must be >=0"),
+    (["--arch-learning-rate", "0"], "--arch-lr must be >0, got 0.0"),
+    (["--train-portion", "0"], "--train-portion must be (0, 1), got 0.0"),
+    (["--layers", "2", "--add-layers", "1,7,13"], "--layers must be >=3, got 2"),
+])
+def test_own_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, flags, needle):
+    """p_darts.py's own flags and per-stage lists, in-process through common.cli like test_bad_input.py."""
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(p_darts.main, p_darts.Args, [*FAKE, "--out-dir", str(tmp_path / "runs"), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_arch_start_epoch_is_an_alias_of_warmup_epochs_also_in_old_run_folders(tmp_path):
+    assert common.parse_args(p_darts.Args, ["--arch-start-epoch", "3"]).warmup_epochs == 3
+    run = tmp_path / "old-run"  # a run folder written before the rename: args.json has arch_start_epoch
+    run.mkdir()
+    saved = {k: v for k, v in vars(p_darts.Args()).items() if k != "warmup_epochs"}
+    (run / "args.json").write_text(json.dumps({**saved, "arch_start_epoch": 7}))
+    (run / "p_darts.py").write_text("")
+    args = common.resume_args(common.parse_args(p_darts.Args, ["--resume", str(run)]), ROOT / "p_darts.py")
+    assert args.warmup_epochs == 7 and not hasattr(args, "arch_start_epoch")
+
+
+def test_val_half_is_evaluated_in_the_official_epochs():
+    """train_search.py line 164: `if epochs - epoch < 5: infer(...)`, i.e. the last 4 of 25 epochs."""
+    official = [e for e in range(25) if 25 - e < 5]
+    assert official == [21, 22, 23, 24]
+    assert [e for e in range(25) if p_darts.evaluates(e, 25, p_darts.Args().eval_last)] == official
+    assert [e for e in range(25) if p_darts.evaluates(e, 25, 0)] == list(range(25))  # ours: every epoch
+
+
+@pytest.mark.parametrize("size", [8, 9, 13, 30, 64])
+def test_stage_supernets_run_forward_and_backward_at_any_image_size(size):
+    torch.manual_seed(0)
+    ops8 = [list(PRIMITIVES)] * 14
+    ops3 = [["none", "skip_connect", "sep_conv_3x3"]] * 14
+    for ops, cells in ((ops8, 3), (ops3, 5)):
+        net = p_darts.Network(4, 10, cells, ops, ops, p=0.3)
+        logits = net(torch.randn(2, 3, size, size))
+        assert logits.shape == (2, 10)
+        grads = torch.autograd.grad(nn.functional.cross_entropy(logits, torch.tensor([1, 2])), net.arch_parameters())
+        assert all(g.abs().sum() > 0 for g in grads)
 
 
 def test_default_stages_are_the_papers():
@@ -307,11 +368,12 @@ def test_killed_in_stage_2_and_between_stages_then_resumed_equals_uninterrupted(
     assert drop_seconds(got) == drop_seconds(want)
 
 
+@pytest.mark.slow  # about 24 s on 2 shared CPU cores
 def test_digits_search_then_retrain_learns(tmp_path):
     """Real data, 3 tiny stages and a short retrain: a broken pipeline cannot clear 90 % (chance 10 %).
     Cutout and the auxiliary tower are off to learn in 3 epochs; test_e2e.py covers the recipe."""
     proc = run_script("p_darts.py", "--dataset", "digits", "--device", "cpu", "--workers", "0", "--epochs", "1",
-                      "--arch-start-epoch", "0", "--batch-size", "130", "--train-portion", "0.2", "--init-channels",
+                      "--warmup-epochs", "0", "--batch-size", "130", "--train-portion", "0.2", "--init-channels",
                       "4", "--layers", "3", "--add-layers", "0,1,2", "--retrain-epochs", "3",
                       "--retrain-init-channels", "8", "--retrain-layers", "5", "--retrain-batch-size", "64",
                       "--no-cutout", "--no-auxiliary", "--out-dir", tmp_path, "--run-name", "digits")

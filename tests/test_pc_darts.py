@@ -68,6 +68,34 @@ def test_only_the_first_c_over_k_channels_pass_through_the_ops(stride):
     assert torch.allclose(pc_darts.channel_shuffle(op(x2, w), C // k)[:, :C // k], unshuffled[:, :C // k], atol=1e-6)
 
 
+@pytest.mark.parametrize("size", [9, 13, 30])
+def test_stride_2_bypass_at_odd_sizes_is_the_2x2_max_over_the_clipped_window(size):
+    """Deviation 13: at odd H the bypassed channels are max-pooled to ceil(H/2) like the ops' outputs;
+    closed form: pad with -inf to an even size, then the official 2x2 / stride-2 max pool."""
+    torch.manual_seed(size)
+    C, k = 8, 4
+    op = pc_darts.MixedOp(C, 2, k).train()
+    x = torch.randn(2, C, size, size)
+    w = F.softmax(torch.randn(len(PRIMITIVES)), 0)
+    out = pc_darts.channel_shuffle(op(x, w), C // k)  # undo the shuffle
+    half = (size + 1) // 2
+    assert out.shape == (2, C, half, half)
+    padded = F.pad(x[:, C // k:], (0, size % 2, 0, size % 2), value=float("-inf"))
+    assert torch.equal(out[:, C // k:], F.max_pool2d(padded, 2, 2))
+    even = x[:, :, :size // 2 * 2, :size // 2 * 2]  # at even sizes: exactly the official MaxPool2d(2, 2)
+    assert torch.equal(op.bypass(even), torch.nn.MaxPool2d(2, 2)(even))
+
+
+@pytest.mark.parametrize("size", [8, 9, 13, 30, 64])
+def test_supernet_runs_forward_and_backward_at_any_image_size(size):
+    torch.manual_seed(0)
+    model = pc_darts.Network(4, 10, 3, k=4)
+    logits = model(torch.randn(2, 3, size, size))
+    assert logits.shape == (2, 10)
+    grads = torch.autograd.grad(F.cross_entropy(logits, torch.tensor([1, 2])), model.arch_parameters())
+    assert all(g.abs().sum() > 0 for g in grads)  # alphas and betas of both cell types get a gradient
+
+
 def test_k_1_is_the_darts_mixed_op():
     torch.manual_seed(1)
     d, p = darts.MixedOp(8, 2), pc_darts.MixedOp(8, 2, k=1)
@@ -360,6 +388,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(fake_run, tmp_path):
     assert "resuming the search at epoch" in (run_dir / "log.txt").read_text()
 
 
+@pytest.mark.slow  # about 24 s on 2 shared CPU cores
 def test_digits_search_then_retrain_learns(run):
     """Real data, cut to ~20 s of CPU: a 2-epoch search (1 warm-up) and a 4-epoch retraining of a
     small net; a broken search or retraining pipeline cannot clear 90 % (chance is 10 %)."""
@@ -382,12 +411,34 @@ def test_bad_k_is_one_line_and_touches_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("flags,needle", [
+    (["--k", "0"], "--k must be >=1, got 0"),
+    (["--k", "8"], "--init-channels 4 must be a multiple of --k 8"),
+    (["--init-channels", "6"], "--init-channels 6 must be a multiple of --k 4"),
     (["--warmup-epochs", "2"], "--warmup-epochs 2 leaves no architecture step in --epochs 2"),
-    (["--k", "0"], "must be a multiple of --k 0"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be >=0, got -1"),
+    (["--arch-lr", "0"], "--arch-lr must be >0, got 0.0"),
+    (["--arch-learning-rate", "-1"], "--arch-lr must be >0, got -1.0"),  # the official script's name
+    (["--arch-weight-decay", "-1"], "--arch-weight-decay must be >=0"),
+    (["--train-portion", "1"], "--train-portion must be (0, 1), got 1.0"),
+    (["--lr-min", "-1"], "--lr-min must be >=0"),
+    (["--layers", "2"], "--layers must be >=3, got 2"),
     (["--genotype", "PC_DARTS", "--no-retrain"], "nothing to do"),
 ])
-def test_inconsistent_flags_raise_usage_error_before_any_folder(tmp_path, flags, needle):
-    args = common.parse_args(pc_darts.Args, [*map(str, FLAGS), "--out-dir", str(tmp_path / "runs"), *flags])
-    with pytest.raises(common.UsageError, match=needle.replace("-", r"\-")):
-        pc_darts.main(args)
+def test_own_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, flags, needle):
+    """pc_darts.py's own flags and cross-flag checks, in-process through common.cli like test_bad_input.py."""
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(pc_darts.main, pc_darts.Args, [*map(str, FLAGS), "--out-dir", str(tmp_path / "runs"), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert needle in err and "Traceback" not in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_k_and_warmup_checks_do_not_apply_to_a_given_genotype(tmp_path):
+    """--genotype skips the search, so search-only flags cannot make it fail."""
+    args = common.parse_args(pc_darts.Args, [*map(str, FLAGS), "--init-channels", "6", "--warmup-epochs", "9",
+                                             "--genotype", "PC_DARTS", "--retrain-epochs", "1",
+                                             "--steps-per-epoch", "1", "--out-dir", str(tmp_path), "--run-name", "g"])
+    results = pc_darts.main(args)
+    assert "search" not in results and results["genotype"] == common.genotype_to_dict(common.GENOTYPES["PC_DARTS"])
+    assert 0 <= results["retrain"]["test_acc"] <= 100 and "best_test_acc" not in results["retrain"]
