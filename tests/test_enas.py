@@ -157,6 +157,19 @@ def test_renamed_flags_keep_their_old_spellings():
     assert common.parse_args(enas.Args, []).arch_lr == 0.0035
 
 
+def test_a_run_folder_with_the_old_flag_names_still_resumes(tmp_path):
+    """args.json of a run made before the renaming has controller_lr and temperature."""
+    import dataclasses
+    import shutil
+
+    saved = dataclasses.asdict(enas.Args(arch_lr=0.01, controller_temperature=5.0))
+    saved["controller_lr"], saved["temperature"] = saved.pop("arch_lr"), saved.pop("controller_temperature")
+    (tmp_path / "args.json").write_text(json.dumps(saved))
+    shutil.copy(enas.__file__, tmp_path / "enas.py")
+    args = common.resume_args(common.parse_args(enas.Args, ["--resume", str(tmp_path)]), enas.__file__)
+    assert args.arch_lr == 0.01 and args.controller_temperature == 5.0
+
+
 # ----------------------------------------------------------------------------------------
 # the controller: sampling, Eq. (5)-(7)
 # ----------------------------------------------------------------------------------------
