@@ -27,11 +27,14 @@ formulas of the paper and the official code, the same labels as in notebooks/ena
 Deviations from the paper (each is what the official code does, unless marked "ours"):
     1. The controller is a 1-layer LSTM with 64 units and no biases, all weights U(-0.1, 0.1), op-logit
        bias initialised to [10, 10, 0, 0, 0] and a fixed [0.25, 0.25, -0.25, -0.25, -0.25] added to
-       normal-cell op logits (paper: 100 units [mem]). Adam lr 0.0035, beta1 0, eps 1e-3; tanh
-       constant 1.10 (op logits 1.10 / 2.5), no temperature; entropy weight 1e-4; baseline decay
-       0.99 (paper [mem, unverified]: lr 0.00035, tanh constant 2.5, temperature 5.0; the authors
-       say they retuned, melodyguan/enas#11). The bias of 10 saturates the tanh: the sep-conv op logits
-       stay at 0.44 with zero gradient, which keeps every op probability in a narrow band (notebook sec. 2).
+       normal-cell op logits (paper: 100 units [mem]). Adam lr 0.0035 (constant, main.py lines 159-161),
+       beta1 0, epsilon 1e-3, with TF1's update (utils.py lines 217-219): epsilon is added outside the bias
+       correction, theta -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + epsilon) (TFAdam; torch.optim.Adam
+       with eps=1e-3 would take first steps up to 1 / sqrt(1 - 0.999) = 32x larger). Tanh constant 1.10
+       (op logits 1.10 / 2.5), no temperature; entropy weight 1e-4; baseline decay 0.99 (paper [mem,
+       unverified]: lr 0.00035, tanh constant 2.5, temperature 5.0; the authors say they retuned,
+       melodyguan/enas#11). The bias of 10 saturates the tanh: the sep-conv op logits stay at 0.44 with
+       zero gradient, which keeps every op probability in a narrow band (notebook sec. 2).
     2. The entropy bonus enters only through the reward, Eq. (4), with the entropy held constant
        (stop-gradient), not as a separate loss term.
     3. The controller trains after every child epoch: 30 Adam steps, each on the mean loss of 10
@@ -39,47 +42,74 @@ Deviations from the paper (each is what the official code does, unless marked "o
        own val minibatch and updates the baseline, in order.
     4. Child training (Eq. (1), M = 1): a fresh cell per minibatch, SGD Nesterov 0.9, SGDR cosine
        0.05 -> 0.0005 with restarts (T0 10, Tmul 2), L2 1e-4 in the loss = weight_decay 2e-4 on every
-       weight incl. BN, dropout 0.1 before the classifier, auxiliary head (weight 0.4), 45K/5K split
-       of the training set (the last 5K validate), no cutout, no drop-path during search.
-    5. ours: no gradient clipping by default. The official code sets --child_grad_bound 5 with
-       clip_mode="norm", but get_train_ops appends the unclipped gradient, so nothing is clipped
-       (card §3.7); --grad-clip 5 clips the global norm as the flag meant to.
+       trained weight incl. BN (utils.py lines 118-123), dropout 0.1 before the classifier, auxiliary head
+       (weight 0.4), 45K/5K split of the training set (the last 5K validate), no cutout, no drop-path
+       during search. The L2 term gives every shared variable a gradient every step, and the ops a cell
+       does not use are computed and discarded (micro_child.py lines 567-576, weights sliced by input
+       index, lines 589-598), so their weights still take the weight-decay and momentum step: enas.py
+       gives them a zero gradient (PyTorch would leave it None and skip them).
+    5. No gradient clipping by default, as in effect in the official code: main.py passes clip_mode="norm"
+       (line 127) with --child_grad_bound 5 (line 54), but get_train_ops appends the unclipped gradient
+       (utils.py line 149, clipped.append(g)), so nothing is clipped. ours: --grad-clip 5 clips the global
+       norm (the official "norm" mode meant each tensor by its own norm); 0 = no clipping.
     6. ours: the shared network follows the official child but reuses DARTS pieces where they do
        the same job: common.cell_preprocess (ReLU-1x1-BN, FactorizedReduce after a reduction; the
        official code skips the 1x1 when widths already match); a reduction cell applies stride 2 to
        ops reading the cell inputs, as the official fixed network and common.Cell do (the official
        search network instead factor-reduces the previous output first and runs the reduce cell at
-       stride 1); common.AuxiliaryHeadCIFAR, placed after the cell that follows the 2nd reduction
-       as in micro_child.py; PyTorch default weight init (official: He normal).
+       stride 1, micro_child.py lines 275-279); common.AuxiliaryHeadCIFAR, placed after the cell that
+       follows the 2nd reduction as in micro_child.py lines 109-113 (aux_head_indices = [pool_layers[-1]
+       + 1]); PyTorch default weight init (official: He normal).
     7. Every (node, input slot, input state) has its own five ops, as the official weights are
-       per-slot and sliced by input index. All BNs use batch statistics during search, also when
-       the reward is computed (official is_training=True); ours: the reward is computed without
-       dropout (the official reward pass keeps dropout 0.1 on).
+       per-slot and sliced by input index. All BNs use batch statistics during search, in every pass
+       (micro_child.py lines 243-244 force is_training=True for the search network). ours: the reward,
+       the scoring of the derived cells (Deviation 10) and the search's val accuracy are computed
+       without dropout (model.eval()); in the official code the same is_training=True keeps dropout 0.1
+       on (micro_child.py lines 333-334) in the reward pass (build_valid_rl, line 804), which main.py
+       lines 308-313 also use to score the derived cells.
     8. ours: loose ends are the computed nodes no node reads. The official code also concatenates
        an unused cell input (factor-reduced in a reduction cell); common.Cell cannot, so it is
        left out in search and retraining alike.
     9. ours: reward minibatches come from the augmented val half (common.search_loaders, random
-       crop and flip for CIFAR); the official reward pass reads unaugmented val images.
-   10. Derivation: every epoch, --derive-samples 10 cells (main.py prints 10 with their val-minibatch
-       accuracy) are scored on one val minibatch; the best of the last epoch is the result. ours:
-       all candidates share one minibatch (official: a fresh one each); the paper says "several".
+       crop and flip for CIFAR); the official reward pass reads unaugmented val images
+       (micro_controller.py line 232 calls build_valid_rl() with shuffle=False, so micro_child.py
+       lines 800-802 skip the crop and flip).
+   10. Derivation: every epoch, --derive-samples 10 cells (main.py lines 308-327 print 10 with their
+       val-minibatch accuracy) are scored on one val minibatch; the first best of the last epoch is the
+       result (ours: picked automatically; the official code prints them). ours: all candidates share
+       one minibatch (official: a fresh one each); the paper says "several". The val minibatches of the
+       reward, the derivation and the search's val accuracy are held-out training images (the last
+       --train-portion 0.9 -> 10 %, as data_utils.py lines 51-56 hold out the last 5,000 of the 50,000):
+       the search never loads the test set, so no cell is selected on it. (The official search also
+       evaluates the shared network on the test set every epoch, main.py line 333; ours does not.)
    11. ours: retraining is common.retrain, the DARTS-protocol NetworkCIFAR built from the cell as a
        Genotype (skip_connect = identity, concat = loose ends), not ENAS's own fixed child network
        (which adds a 1x1 base conv per cell and concatenates unused inputs). The defaults are the
        final script's where common.retrain has the knob: 630 epochs, batch 144, lr 0.05, weight
        decay 4e-4 (L2 2e-4), C 36, 15 + 2 = 17 cells (reductions at cells 5 and 11 as in the official
        network); auxiliary 0.4 and cutout 16 (the paper's 2.89 % needs cutout, the script lacks it,
-       melodyguan/enas#39). Not reproduced: Nesterov, SGDR restarts to 1e-4, dropout 0.2 before the
-       classifier, the depth-scaled drop-path (keep 0.6 at the last cell; ours 0.2 everywhere, about
-       its average over the 17 cells), and clipping is at 5 (grad_clip of common.retrain).
+       melodyguan/enas#39). The auxiliary head reads the output of cell 11, the second reduction cell
+       itself (common.NetworkCIFAR: cell 2 * layers // 3, as quark0/darts model.py); the official child
+       reads cell 12, the normal cell after it (micro_child.py lines 109-113). It is trained and decayed
+       like every other weight (official: neither, Deviation 14). Not reproduced: Nesterov, SGDR
+       restarts to 1e-4, dropout 0.2 before the classifier, the depth-scaled drop-path (keep 0.6 at the
+       last cell; ours 0.2 everywhere, about its average over the 17 cells), and clipping is at 5
+       (grad_clip of common.retrain).
    12. ours: alphas.jsonl holds, per epoch, the policy's marginal probabilities estimated from
        --stat-samples cells: the mean over samples of each decision's softmax (an unbiased,
        Rao-Blackwellised estimate of P(decision), exact given the sampled prefix), and the expected
        number of times each (input, op) pair feeds each node.
    13. ours: --amp (bfloat16 autocast, CUDA only) for the shared network and retraining; the
        controller always runs in float32.
+   14. The search network's auxiliary head is never trained: micro_child.py lines 721-723 leave the
+       aux_head variables out of tf_variables, and get_train_ops differentiates, decays (utils.py lines
+       118-125) and updates (lines 237-238) only those, so the head keeps its random initialisation and
+       only passes the 0.4-weighted aux loss down to the cells below it (the final script's training
+       too). enas.py does the same by default (the head's parameters get no gradient step and no weight
+       decay); ours, --train-aux-head: trained and decayed like every other weight.
    Not verified against the paper PDF (no full text was readable here): the section numbers, the
    paper-side hyperparameters in 1, and what its 4.6 M parameters count (notebooks/enas.ipynb, sec. 6).
+   Plus the deviations shared by every method file, listed in common.py's docstring (C1-C5).
 
 Runs: --resume RUN_DIR continues a killed run (controller, its Adam state and the baseline are in
 the checkpoint); under torchrun only retraining is distributed (README.md).
@@ -105,39 +135,55 @@ ENAS_OPS = ["sep_conv_3x3", "sep_conv_5x5", "avg_pool_3x3", "max_pool_3x3", "ski
 class Args(common.BaseArgs):
     exp_name: str = arg("enas", "name of the method; prefix of the run folder", "run")
     # Algorithm specific arguments (melodyguan/enas scripts/cifar10_micro_search.sh unless noted)
-    epochs: int = arg(150, "micro_search.sh --num_epochs=150")
-    batch_size: int = arg(160, "micro_search.sh --batch_size=160 (child steps and reward minibatches)")
-    lr: float = arg(0.05, "micro_search.sh --child_lr_max=0.05 (SGDR: cosine with warm restarts)")
-    lr_min: float = arg(0.0005, "micro_search.sh --child_lr_min=0.0005")
-    lr_t0: int = arg(10, "micro_search.sh --child_lr_T_0=10 (epochs in the first cosine period)")
-    lr_t_mul: int = arg(2, "micro_search.sh --child_lr_T_mul=2 (restarts at epochs 10, 30, 70)")
-    momentum: float = arg(0.9, "utils.py get_train_ops: momentum 0.9, Nesterov")
-    weight_decay: float = arg(2e-4, "2 x micro_search.sh --child_l2_reg=1e-4 (TF adds l2 * sum w^2 to the loss)")
-    init_channels: int = arg(20, "micro_search.sh --child_out_filters=20")
-    layers: int = arg(8, "cells: micro_search.sh --child_num_layers=6 normal + 2 reduction (micro_child.py)")
-    nodes: int = arg(5, "micro_search.sh --child_num_cells=5 computed nodes per cell (B = nodes + 2)")
-    dropout: float = arg(0.1, "1 - micro_search.sh --child_keep_prob=0.90 (before the classifier)")
+    epochs: int = arg(150, "micro_search.sh --num_epochs=150", check=">=1")
+    batch_size: int = arg(160, "micro_search.sh --batch_size=160 (child steps and reward minibatches)", check=">=2")
+    lr: float = arg(0.05, "micro_search.sh --child_lr_max=0.05 (SGDR: cosine with warm restarts)", check=">0")
+    lr_min: float = arg(0.0005, "micro_search.sh --child_lr_min=0.0005", check=">=0")
+    lr_t0: int = arg(10, "micro_search.sh --child_lr_T_0=10 (epochs in the first cosine period)", check=">=1")
+    lr_t_mul: int = arg(2, "micro_search.sh --child_lr_T_mul=2 (restarts at epochs 10, 30, 70)", check=">=1")
+    momentum: float = arg(0.9, "utils.py get_train_ops: momentum 0.9, Nesterov", check="[0,1)")
+    weight_decay: float = arg(2e-4, "2 x micro_search.sh --child_l2_reg=1e-4 (TF adds l2 * sum w^2 to the loss)",
+                              check=">=0")
+    init_channels: int = arg(20, "micro_search.sh --child_out_filters=20", check=">=1")
+    layers: int = arg(8, "cells: micro_search.sh --child_num_layers=6 normal + 2 reduction (micro_child.py); at "
+                      "least 3: reduction cells sit at layers//3 and 2*layers//3, so fewer cells have no normal "
+                      "cell and the normal arc would be rewarded for nothing", check=">=3")
+    nodes: int = arg(5, "micro_search.sh --child_num_cells=5 computed nodes per cell (B = nodes + 2)", check=">=1")
+    dropout: float = arg(0.1, "1 - micro_search.sh --child_keep_prob=0.90 (before the classifier)", check="[0,1)")
     search_auxiliary: bool = arg(True, "micro_search.sh --child_use_aux_heads (weight --auxiliary-weight)")
-    grad_clip: float = arg(0.0, "0 = off: the official clip is a no-op (Deviation 5); 5 = --child_grad_bound")
-    train_portion: float = arg(0.9, "data_utils.py num_valids=5000: the last 5K of 50K validate")
-    lstm_size: int = arg(64, "main.py lstm_size=64, lstm_num_layers=1 (paper: 100 units [mem])")
-    controller_lr: float = arg(0.0035, "micro_search.sh --controller_lr=0.0035 (Adam, beta1 0, eps 1e-3)")
+    train_aux_head: bool = arg(False, "ours: train the search network's auxiliary head (and decay it); the official "
+                               "code leaves it at its initialisation (Deviation 14)")
+    grad_clip: float = arg(0.0, "0 = no clipping: the official clip is a no-op (Deviation 5); 5 = --child_grad_bound",
+                           check=">=0")
+    train_portion: float = arg(0.9, "data_utils.py num_valids=5000: the last 5K of 50K validate", check="(0,1)")
+    lstm_size: int = arg(64, "main.py lstm_size=64, lstm_num_layers=1 (paper: 100 units [mem])", check=">=1")
+    arch_lr: float = arg(0.0035, "micro_search.sh --controller_lr=0.0035 (TF1 Adam, beta1 0, epsilon 1e-3, "
+                         "Deviation 1)", check=">0", aliases=("--controller-lr",))
     controller_train_steps: int = arg(30, "micro_search.sh --controller_train_steps=30 updates per epoch "
-                                      "(0 = never train the controller)")
-    controller_num_aggregate: int = arg(10, "micro_search.sh --controller_num_aggregate=10 cells per update")
-    entropy_weight: float = arg(1e-4, "micro_search.sh --controller_entropy_weight=0.0001 (reward bonus)")
-    bl_dec: float = arg(0.99, "main.py --controller_bl_dec=0.99 (baseline decay)")
-    tanh_constant: float = arg(1.10, "micro_search.sh --controller_tanh_constant=1.10 (paper: 2.5 [mem]); 0 = no tanh")
-    op_tanh_reduce: float = arg(2.5, "micro_search.sh --controller_op_tanh_reduce=2.5 (op logits: C / 2.5)")
-    temperature: float = arg(0.0, "--controller_temperature, unset in micro_search.sh (paper: 5 [mem]); 0 = none")
-    derive_samples: int = arg(10, "main.py: 10 sampled cells scored on a val minibatch per epoch; best is kept")
-    stat_samples: int = arg(100, "ours: sampled cells per epoch behind the marginals in alphas.jsonl")
+                                      "(0 = never train the controller)", check=">=0")
+    controller_num_aggregate: int = arg(10, "micro_search.sh --controller_num_aggregate=10 cells per update",
+                                        check=">=1")
+    entropy_weight: float = arg(1e-4, "micro_search.sh --controller_entropy_weight=0.0001 (reward bonus)",
+                                check=">=0")
+    bl_dec: float = arg(0.99, "main.py --controller_bl_dec=0.99 (baseline decay; below 1, or it never moves)",
+                        check="[0,1)")
+    tanh_constant: float = arg(1.10, "micro_search.sh --controller_tanh_constant=1.10 (paper: 2.5 [mem]); 0 = no tanh",
+                               check=">=0")
+    op_tanh_reduce: float = arg(2.5, "micro_search.sh --controller_op_tanh_reduce=2.5 (op logits: C / 2.5)",
+                                check=">0")
+    controller_temperature: float = arg(0.0, "main.py --controller_temperature, unset in micro_search.sh (paper: 5 "
+                                        "[mem]); 0 = none", check=">=0", aliases=("--temperature",))
+    derive_samples: int = arg(10, "main.py: 10 sampled cells scored on a val minibatch per epoch; best is kept",
+                              check=">=1")
+    stat_samples: int = arg(100, "ours: sampled cells per epoch behind the marginals in alphas.jsonl", check=">=1")
     # retraining: scripts/cifar10_micro_final.sh where common.retrain has the knob (Deviation 11)
-    retrain_epochs: int = arg(630, "micro_final.sh --num_epochs=630", "retrain")
-    retrain_batch_size: int = arg(144, "micro_final.sh --batch_size=144", "retrain")
-    retrain_lr: float = arg(0.05, "micro_final.sh --child_lr_max=0.05 (here cosine to 0)", "retrain")
-    retrain_weight_decay: float = arg(4e-4, "2 x micro_final.sh --child_l2_reg=2e-4", "retrain")
-    retrain_layers: int = arg(17, "micro_final.sh --child_num_layers=15 + 2 reduction cells", "retrain")
+    retrain_epochs: int = arg(630, "micro_final.sh --num_epochs=630", "retrain", ">=1")
+    retrain_batch_size: int = arg(144, "micro_final.sh --batch_size=144", "retrain", ">=2")
+    retrain_lr: float = arg(0.05, "micro_final.sh --child_lr_max=0.05 (here cosine to 0)", "retrain", ">0")
+    retrain_weight_decay: float = arg(4e-4, "2 x micro_final.sh --child_l2_reg=2e-4", "retrain", ">=0")
+    retrain_layers: int = arg(17, "micro_final.sh --child_num_layers=15 + 2 reduction cells (at least 3: "
+                              "reduction cells sit at 1/3 and 2/3, so fewer cells have no normal cell)", "retrain",
+                              ">=3")
 
 
 # =====================================================================================
@@ -314,6 +360,39 @@ def arc_at(arcs, b):
 # =====================================================================================
 # Architecture update rule: REINFORCE with a moving-average baseline
 # =====================================================================================
+class TFAdam(torch.optim.Optimizer):
+    """TF1's tf.train.AdamOptimizer, which the official controller uses (utils.py get_train_ops lines 217-219:
+    beta1 0.0, epsilon 1e-3; no weight decay, no clipping, a constant lr, main.py lines 159-166). TF puts
+    epsilon outside the bias correction ("epsilon hat" of the Adam paper, Sec. 2):
+        m_t = b1 m + (1 - b1) g,  v_t = b2 v + (1 - b2) g^2,  lr_t = lr sqrt(1 - b2^t) / (1 - b1^t)
+        theta <- theta - lr_t m_t / (sqrt(v_t) + epsilon)
+    torch.optim.Adam divides by sqrt(v_t / (1 - b2^t)) + epsilon instead, i.e. uses s_t epsilon with
+    s_t = sqrt(1 - b2^t): at step 1 (s_1 = 0.032, sqrt(v_1) = s_1 |g|) its step is (s_1 |g| + eps) /
+    (s_1 |g| + s_1 eps) times TF's, 32x for |g| << eps and 2x at |g| = eps / s_1 = 0.03 (Deviation 1,
+    notebooks/enas.ipynb sec. 3). The state keeps torch Adam's names (step, exp_avg, exp_avg_sq)."""
+
+    def __init__(self, params, lr, betas=(0.0, 0.999), eps=1e-3):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            (b1, b2), eps = group["betas"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:  # TF's apply_gradients skips variables without a gradient
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] = t = int(state["step"]) + 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                # ALGO LOGIC: TF1 Adam: theta -= lr sqrt(1 - b2^t) / (1 - b1^t) * m_t / (sqrt(v_t) + epsilon)
+                lr_t = group["lr"] * (1 - b2 ** t) ** 0.5 / (1 - b1 ** t)
+                p.addcdiv_(m, v.sqrt().add_(eps), value=-lr_t)
+
+
 def update_baseline(baseline, reward, bl_dec):
     # ALGO LOGIC: Eq. (3): b <- b - (1 - bl_dec) * (b - R)
     return baseline - (1.0 - bl_dec) * (baseline - reward)
@@ -442,7 +521,7 @@ def train_child_epoch(model, controller, train_data, w_optimizer, device, args, 
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.no_grad():
             arcs, _, _, _ = controller(1)
-        w_optimizer.zero_grad(set_to_none=True)
+        w_optimizer.zero_grad(set_to_none=False)
         with common.autocast(device, args.amp):
             # ALGO LOGIC: Eq. (1): grad_w L(m; w) for one m ~ pi(m; theta)
             logits, logits_aux = model(x, arc_at(arcs, 0))
@@ -450,14 +529,28 @@ def train_child_epoch(model, controller, train_data, w_optimizer, device, args, 
             if logits_aux is not None:
                 loss = loss + args.auxiliary_weight * F.cross_entropy(logits_aux.float(), y)
         loss.backward()
-        if args.grad_clip > 0:  # Deviation 5
-            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        # Deviation 4: the ops this cell does not use get a zero gradient, not none, so SGD still applies
+        # their weight decay and Nesterov momentum, as every official shared variable gets its L2 gradient
+        for group in w_optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        common.clip_grad(model.parameters(), args.grad_clip)  # Deviation 5: 0 (default) = no clipping
         w_optimizer.step()
         loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + common.accuracy(logits, y), n + 1
         if (step + 1) % args.report_freq == 0 or step + 1 == steps:
             log.info("search epoch %d step %d/%d loss %.4f acc %.2f (%.3f s/step)", epoch, step + 1, steps,
                      loss_sum / n, acc_sum / n, (time.time() - t0) / n)
     return loss_sum / max(n, 1), acc_sum / max(n, 1), (time.time() - t0) / max(n, 1)
+
+
+def child_optimizer(model, args):
+    """SGD with Nesterov momentum and weight decay on the shared weights (utils.py lines 212-214). The
+    auxiliary head is left out unless --train-aux-head (Deviation 14: micro_child.py lines 721-723)."""
+    if model.auxiliary_head is not None and not args.train_aux_head:
+        model.auxiliary_head.requires_grad_(False)  # no gradient step and no weight decay: it stays put
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], args.lr, momentum=args.momentum,
+                           nesterov=True, weight_decay=args.weight_decay)
 
 
 @torch.no_grad()
@@ -488,13 +581,12 @@ def search(args, device, run_dir, log):
     model = Network(args.init_channels, num_classes, args.layers, args.nodes, auxiliary=args.search_auxiliary,
                     dropout=args.dropout).to(device)
     controller = Controller(args.nodes, args.lstm_size, args.tanh_constant, args.op_tanh_reduce,
-                            args.temperature).to(device)
+                            args.controller_temperature).to(device)
     log.info("shared network: %.3f M weights; controller: %d weights", sum(p.numel() for p in model.parameters())
              / 1e6, sum(p.numel() for p in controller.parameters()))
-    w_optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, nesterov=True,
-                                  weight_decay=args.weight_decay)
-    # utils.py get_train_ops(optim_algo="adam"): beta1 0.0, epsilon 1e-3, no weight decay, no clipping
-    c_optimizer = torch.optim.Adam(controller.parameters(), args.controller_lr, betas=(0.0, 0.999), eps=1e-3)
+    w_optimizer = child_optimizer(model, args)
+    # utils.py get_train_ops(optim_algo="adam") lines 217-219: TF Adam, beta1 0.0, epsilon 1e-3 (Deviation 1)
+    c_optimizer = TFAdam(controller.parameters(), args.arch_lr, betas=(0.0, 0.999), eps=1e-3)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(w_optimizer, args.lr_t0, args.lr_t_mul,
                                                                      eta_min=args.lr_min)
     start, baseline = 0, 0.0  # micro_controller.py: the baseline variable starts at 0
@@ -560,56 +652,16 @@ def search(args, device, run_dir, log):
 # main: search -> derive -> retrain -> test
 # =====================================================================================
 def main(args):
-    device = common.get_device(args.device)
-    if args.resume:
-        args = common.resume_args(args, __file__)  # the run's own flags; checks folder and checkpoints
-    common.check_common_args(args, device)
-    if not 0 < args.train_portion < 1:
-        raise UsageError(f"--train-portion must be in (0, 1), got {args.train_portion}")
-    for name in ("nodes", "controller_num_aggregate", "derive_samples", "stat_samples", "lstm_size", "lr_t0",
-                 "lr_t_mul"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.controller_train_steps < 0:
-        raise UsageError(f"--controller-train-steps must be >= 0, got {args.controller_train_steps}")
-    if not 0 <= args.bl_dec < 1:
-        raise UsageError(f"--bl-dec must be in [0, 1) (the baseline must move), got {args.bl_dec}")
-    if args.op_tanh_reduce <= 0 or args.tanh_constant < 0 or args.temperature < 0:
-        raise UsageError("--tanh-constant and --temperature must be >= 0 (0 = off), --op-tanh-reduce > 0")
-    if not 0 <= args.dropout < 1:
-        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    args, device = common.prepare(args, __file__)  # --resume's flags, the device, every flag's range
+    if args.train_aux_head and not args.search_auxiliary:
+        raise UsageError("--train-aux-head trains the search network's auxiliary head, which "
+                         "--no-search-auxiliary removes; drop one of them")
     genotype = None
     if args.genotype:  # fail before any work; a string of integers is an ENAS arc
         is_arc = all(t.lstrip("-").isdigit() for t in args.genotype.split())
         genotype = arc_to_genotype(parse_arc(args.genotype, args.nodes)) if is_arc else \
             common.parse_genotype(args.genotype)
-    if genotype is not None and args.no_retrain:
-        raise UsageError("--genotype skips the search and --no-retrain skips retraining: nothing to do")
-    rank, world, device = common.setup_distributed(device)
-    if world > 1 and genotype is None:
-        raise UsageError("under torchrun only retraining is distributed: search with one process, then "
-                         "pass --genotype runs/<run>/genotype.json")
-    run_dir, log = common.start_run(args, __file__)
-    common.seed_everything(args.seed, args.torch_deterministic)
-    results = {"method": "enas", "dataset": args.dataset, "seed": args.seed}
-    if genotype is None:
-        genotype, results["search"] = search(args, device, run_dir, log)
-    else:
-        log.info("retraining the given genotype, no search: %s", genotype)
-    results["genotype"] = common.genotype_to_dict(genotype)
-    if rank == 0:
-        common.write_json(run_dir / "genotype.json", results["genotype"])
-        common.plot_genotype(genotype, run_dir / "genotype.png")
-    if not args.no_retrain:
-        results["retrain"] = common.retrain(genotype, args, device, run_dir, log, "enas")
-    if rank != 0:
-        return None
-    if not args.no_retrain:
-        log.info("test accuracy %.2f %% (best %.2f %%), %.3f M params", results["retrain"]["test_acc"],
-                 results["retrain"]["best_test_acc"], results["retrain"]["params_M"])
-    common.write_json(run_dir / "results.json", results)
-    log.info("done: %s", run_dir / "results.json")
-    return results
+    return common.run(args, __file__, "enas", device, genotype, search)
 
 
 if __name__ == "__main__":

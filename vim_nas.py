@@ -46,8 +46,9 @@ Deviations from the paper (everything not in the paper text we could read is our
        shared by the whole batch and by all cells of a type, used for both updates of the step.
     5. ours: q_theta(D | A) is the DARTS supernet with mixed ops weighted by softmax(A) per edge;
        log q_theta(d | A) = -CE(y | x, A) (log p(x) is a constant of the bound).
-    6. ours (card §6.4): theta descends the loss on the DARTS train half, phi on the val half
-       (first-order alternation); the paper writes one objective over D. Algorithm 1's order is
+    6. ours: theta descends the loss on the DARTS train half, phi on the val half (first-order
+       alternation, DARTS's split); the paper writes one objective over D (Eq. (V3)), and what we
+       could read of Algorithm 1 does not say which data each update uses. Algorithm 1's order is
        kept: the weight step first, then the phi step with the same xi (DARTS steps alpha first).
     7. ours: phi is trained with Adam, lr 0.025, betas (0.5, 0.999), weight decay 1e-3. The lr is the
        "high learning rate (0.025)" the paper gives its DARTS baseline in the ablation of Fig. 6
@@ -64,6 +65,7 @@ Deviations from the paper (everything not in the paper text we could read is our
    12. ours: alpha_steps.jsonl records softmax(phi(eps)) every --report-freq steps for the
        "anytime architectural weights" figure (anytime_weights.png, the paper's Fig. 2);
        `settling` measures in epochs how fast the derived cell stops changing (notebook sec. 6).
+    Plus the deviations shared by every method file, listed in common.py's docstring (C1-C5).
 
 Runs: --resume RUN_DIR continues a killed run (README.md, "Resume a killed run").
 """
@@ -77,7 +79,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from common import OPS, PRIMITIVES, Genotype, UsageError, arg
+from common import OPS, PRIMITIVES, Genotype, arg
 
 
 # =====================================================================================
@@ -87,23 +89,27 @@ from common import OPS, PRIMITIVES, Genotype, UsageError, arg
 class Args(common.BaseArgs):
     exp_name: str = arg("vim_nas", "name of the method; prefix of the run folder", "run")
     # Algorithm specific arguments (no official code: DARTS train_search.py values, Deviations 6-8)
-    epochs: int = arg(1, "abstract: converges within one epoch (ours: search exactly one, Deviation 8)")
-    batch_size: int = arg(64, "ours: DARTS train_search.py --batch_size 64 (train and val streams)")
-    lr: float = arg(0.025, "ours: DARTS --learning_rate 0.025 (weights, SGD)")
-    lr_min: float = arg(0.001, "ours: DARTS --learning_rate_min 0.001 (cosine floor)")
-    momentum: float = arg(0.9, "ours: DARTS --momentum 0.9")
-    weight_decay: float = arg(3e-4, "ours: DARTS --weight_decay 3e-4")
-    init_channels: int = arg(16, "ours: DARTS --init_channels 16")
-    layers: int = arg(8, "ours: DARTS --layers 8 (cells in the supernet)")
-    grad_clip: float = arg(5.0, "ours: DARTS --grad_clip 5 (weights only)")
-    train_portion: float = arg(0.5, "ours: DARTS --train_portion 0.5 (weights / phi split, Deviation 6)")
+    epochs: int = arg(1, "abstract: converges within one epoch (ours: search exactly one, Deviation 8)", check=">=1")
+    batch_size: int = arg(64, "ours: DARTS train_search.py --batch_size 64 (train and val streams)", check=">=2")
+    lr: float = arg(0.025, "ours: DARTS --learning_rate 0.025 (weights, SGD)", check=">0")
+    lr_min: float = arg(0.001, "ours: DARTS --learning_rate_min 0.001 (cosine floor)", check=">=0")
+    momentum: float = arg(0.9, "ours: DARTS --momentum 0.9", check="[0,1)")
+    weight_decay: float = arg(3e-4, "ours: DARTS --weight_decay 3e-4", check=">=0")
+    init_channels: int = arg(16, "ours: DARTS --init_channels 16", check=">=1")
+    layers: int = arg(8, "ours: DARTS --layers 8 (cells in the supernet; at least 3: reduction cells sit at "
+                      "layers//3 and 2*layers//3, so fewer cells have no normal cell and its generator gets no "
+                      "gradient)", check=">=3")
+    grad_clip: float = arg(5.0, "ours: DARTS --grad_clip 5 (weights only); 0 = no clipping", check=">=0")
+    train_portion: float = arg(0.5, "ours: DARTS --train_portion 0.5 (weights / phi split, Deviation 6)",
+                               check="(0,1)")
     arch_lr: float = arg(0.025, "Adam lr of the generator phi: the 'high learning rate (0.025)' of the "
-                        "paper's Fig. 6 ablation (ours, Deviation 7)")
-    arch_weight_decay: float = arg(1e-3, "ours: DARTS --arch_weight_decay 1e-3 (on phi)")
-    noise_std: float = arg(1.0, "Algorithm 1: xi ~ N(0, 1) added to phi(eps); 0 = point estimate "
-                           "(the paper's VIM-NAS-P ablation)")
-    noise_channels: int = arg(3, "paper (via a summary): ConvReLUBN(3, 14, 3), the channels of eps")
-    gen_channels: int = arg(14, "paper (via a summary): ConvReLUBN(3,14,3) -> ConvReLUBN(14,1,3), hidden maps")
+                         "paper's Fig. 6 ablation (ours, Deviation 7)", check=">0")
+    arch_weight_decay: float = arg(1e-3, "ours: DARTS --arch_weight_decay 1e-3 (on phi)", check=">=0")
+    noise_std: float = arg(1.0, "Algorithm 1: std of xi ~ N(0, 1) in A = phi(eps) + xi; 0 = point estimate "
+                           "(the paper's VIM-NAS-P ablation)", check=">=0")
+    noise_channels: int = arg(3, "paper (via a summary): ConvReLUBN(3, 14, 3), the channels of eps", check=">=1")
+    gen_channels: int = arg(14, "paper (via a summary): ConvReLUBN(3,14,3) -> ConvReLUBN(14,1,3), hidden maps",
+                            check=">=1")
 
 
 # =====================================================================================
@@ -351,7 +357,7 @@ def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, 
             logits = model(x, xi)
             loss = F.cross_entropy(logits.float(), y)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.weight_parameters(), args.grad_clip)
+        common.clip_grad(model.weight_parameters(), args.grad_clip)  # 0 = no clipping
         w_optimizer.step()
         # ALGO LOGIC: Algorithm 1, line 5: descend grad_phi of -L, Eq. (V3), on the val half (Adam)
         with common.autocast(device, args.amp):
@@ -463,44 +469,9 @@ def search(args, device, run_dir, log):
 # main: search -> derive -> retrain -> test
 # =====================================================================================
 def main(args):
-    device = common.get_device(args.device)
-    if args.resume:
-        args = common.resume_args(args, __file__)  # the run's own flags; checks folder and checkpoints
-    common.check_common_args(args, device)
-    if not 0 < args.train_portion < 1:
-        raise UsageError(f"--train-portion must be in (0, 1), got {args.train_portion}")
-    if args.noise_std < 0:
-        raise UsageError(f"--noise-std is the std of xi in A = phi(eps) + xi and must be >= 0, got {args.noise_std}")
-    if args.noise_channels < 1 or args.gen_channels < 1:
-        raise UsageError("--noise-channels and --gen-channels must be >= 1")
+    args, device = common.prepare(args, __file__)  # --resume's flags, the device, every flag's range
     genotype = common.parse_genotype(args.genotype) if args.genotype else None  # fail before any work
-    if genotype is not None and args.no_retrain:
-        raise UsageError("--genotype skips the search and --no-retrain skips retraining: nothing to do")
-    rank, world, device = common.setup_distributed(device)
-    if world > 1 and genotype is None:
-        raise UsageError("under torchrun only retraining is distributed: search with one process, then "
-                         "pass --genotype runs/<run>/genotype.json")
-    run_dir, log = common.start_run(args, __file__)
-    common.seed_everything(args.seed, args.torch_deterministic)
-    results = {"method": "vim_nas", "dataset": args.dataset, "seed": args.seed}
-    if genotype is None:
-        genotype, results["search"] = search(args, device, run_dir, log)
-    else:
-        log.info("retraining the given genotype, no search: %s", genotype)
-    results["genotype"] = common.genotype_to_dict(genotype)
-    if rank == 0:
-        common.write_json(run_dir / "genotype.json", results["genotype"])
-        common.plot_genotype(genotype, run_dir / "genotype.png")
-    if not args.no_retrain:
-        results["retrain"] = common.retrain(genotype, args, device, run_dir, log, "vim_nas")
-    if rank != 0:
-        return None
-    if not args.no_retrain:
-        log.info("test accuracy %.2f %% (best %.2f %%), %.3f M params", results["retrain"]["test_acc"],
-                 results["retrain"]["best_test_acc"], results["retrain"]["params_M"])
-    common.write_json(run_dir / "results.json", results)
-    log.info("done: %s", run_dir / "results.json")
-    return results
+    return common.run(args, __file__, "vim_nas", device, genotype, search)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ SEARCH_FILES = ["args.json", "log.txt", "enas.py", "common.py", "search_history.
                 "genotype.json", "checkpoint_search.pt", "alphas.png", "alpha_evolution.png", "search_curves.png",
                 "controller_reward.png", "controller_entropy.png", "genotype.png"]
 RETRAIN_FILES = ["retrain_history.jsonl", "checkpoint_retrain.pt", "retrain_curves.png", "results.json"]
-# scripts/cifar10_micro_final.sh fixed_arc (normal, then reduce) and its decoding (card §3.4)
+# scripts/cifar10_micro_final.sh lines 5-6: fixed_arc (normal, then reduce), decoded by hand with
+# micro_child.py's op ids (0 sep 3x3, 1 sep 5x5, 2 avg pool, 3 max pool, 4 identity)
 OFFICIAL_ARC = "0 2 0 0 0 4 0 1 0 4 1 1 1 0 0 1 0 2 1 1 1 0 1 0 0 3 0 2 1 1 3 1 1 0 0 4 0 3 1 1"
 OFFICIAL_GENOTYPE = common.Genotype(
     normal=[("avg_pool_3x3", 0), ("sep_conv_3x3", 0), ("skip_connect", 0), ("sep_conv_5x5", 0),
@@ -105,19 +106,68 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(tmp_path):
     assert "needs 40 numbers" in proc.stderr and not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("flags,needle", [
-    ({"bl_dec": 1.0}, "--bl-dec must be in [0, 1)"),
-    ({"controller_num_aggregate": 0}, "--controller-num-aggregate must be >= 1"),
-    ({"op_tanh_reduce": 0.0}, "--op-tanh-reduce > 0"),
-    ({"genotype": OFFICIAL_ARC.replace("0 2 0 0", "0 7 0 0", 1)}, "ops are 0..4"),
-    ({"genotype": OFFICIAL_ARC.replace("0 2 0 0", "2 2 0 0", 1)}, "node 2 can read states 0..1"),
-    ({"genotype": OFFICIAL_ARC, "no_retrain": True}, "nothing to do"),
-])
-def test_inconsistent_flags_raise_before_any_folder(tmp_path, flags, needle):
-    args = enas.Args(device="cpu", dataset="fake", workers=0, out_dir=str(tmp_path / "runs"), **flags)
-    with pytest.raises(common.UsageError) as e:
-        enas.main(args)
-    assert needle in str(e.value) and not (tmp_path / "runs").exists()
+BAD = [  # enas.py's own flags and cross-flag checks (tests/test_bad_input.py has the ones every file shares)
+    (["--bl-dec", "1"], "--bl-dec must be [0, 1), got 1.0"),
+    (["--controller-num-aggregate", "0"], "--controller-num-aggregate must be >=1"),
+    (["--controller-train-steps", "-1"], "--controller-train-steps must be >=0"),
+    (["--op-tanh-reduce", "0"], "--op-tanh-reduce must be >0"),
+    (["--tanh-constant", "-1"], "--tanh-constant must be >=0"),
+    (["--controller-temperature", "-1"], "--controller-temperature must be >=0"),
+    (["--temperature", "-1"], "--controller-temperature must be >=0"),  # the old spelling still works
+    (["--arch-lr", "0"], "--arch-lr must be >0"),
+    (["--controller-lr", "-1"], "--arch-lr must be >0"),
+    (["--entropy-weight", "-1"], "--entropy-weight must be >=0"),
+    (["--dropout", "1"], "--dropout must be [0, 1)"),
+    (["--train-portion", "1"], "--train-portion must be (0, 1)"),
+    (["--nodes", "0"], "--nodes must be >=1"),
+    (["--lstm-size", "0"], "--lstm-size must be >=1"),
+    (["--lr-t0", "0"], "--lr-t0 must be >=1"),
+    (["--lr-t-mul", "0"], "--lr-t-mul must be >=1"),
+    (["--derive-samples", "0"], "--derive-samples must be >=1"),
+    (["--stat-samples", "0"], "--stat-samples must be >=1"),
+    (["--batch-size", "1"], "--batch-size must be >=2"),
+    (["--grad-clip", "-0.5"], "--grad-clip must be >=0"),
+    (["--retrain-batch-size", "1"], "--retrain-batch-size must be >=2"),  # fields enas.py redefines keep checks
+    (["--retrain-layers", "2"], "--retrain-layers must be >=3"),
+    (["--retrain-epochs", "0"], "--retrain-epochs must be >=1"),
+    (["--retrain-lr", "0"], "--retrain-lr must be >0"),
+    (["--retrain-weight-decay", "-1"], "--retrain-weight-decay must be >=0"),
+    (["--train-aux-head", "--no-search-auxiliary"], "--no-search-auxiliary removes"),
+    (["--genotype", OFFICIAL_ARC.replace("0 2 0 0", "0 7 0 0", 1)], "ops are 0..4"),
+    (["--genotype", OFFICIAL_ARC.replace("0 2 0 0", "2 2 0 0", 1)], "node 2 can read states 0..1"),
+    (["--genotype", OFFICIAL_ARC, "--nodes", "4"], "needs 32 numbers"),
+    (["--genotype", OFFICIAL_ARC, "--no-retrain"], "nothing to do"),
+]
+
+
+@pytest.mark.parametrize("flags,needle", BAD, ids=[" ".join(f)[:40] for f, _ in BAD])
+def test_own_bad_flags_are_one_line_exit_2_before_any_folder(tmp_path, capsys, flags, needle):
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:
+        common.cli(enas.main, enas.Args, [*TINY, "--out-dir", str(out), *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert not out.exists()
+
+
+def test_renamed_flags_keep_their_old_spellings():
+    """Unified names (--arch-lr, --controller-temperature); the official script's names still parse."""
+    a = common.parse_args(enas.Args, ["--controller-lr", "0.01", "--temperature", "5"])
+    assert a.arch_lr == 0.01 and a.controller_temperature == 5.0
+    assert common.parse_args(enas.Args, []).arch_lr == 0.0035
+
+
+def test_a_run_folder_with_the_old_flag_names_still_resumes(tmp_path):
+    """args.json of a run made before the renaming has controller_lr and temperature."""
+    import dataclasses
+    import shutil
+
+    saved = dataclasses.asdict(enas.Args(arch_lr=0.01, controller_temperature=5.0))
+    saved["controller_lr"], saved["temperature"] = saved.pop("arch_lr"), saved.pop("controller_temperature")
+    (tmp_path / "args.json").write_text(json.dumps(saved))
+    shutil.copy(enas.__file__, tmp_path / "enas.py")
+    args = common.resume_args(common.parse_args(enas.Args, ["--resume", str(tmp_path)]), enas.__file__)
+    assert args.arch_lr == 0.01 and args.controller_temperature == 5.0
 
 
 # ----------------------------------------------------------------------------------------
@@ -322,3 +372,148 @@ def test_child_training_learns_when_the_policy_is_near_greedy():
     accs = [enas.train_child_epoch(model, ctrl, train_data, opt, torch.device("cpu"), args, log, e)[1]
             for e in range(2)]
     assert accs[-1] > 35, accs
+
+
+# ----------------------------------------------------------------------------------------
+# fidelity to the official TF1 code: the controller's Adam, the child's SGD step, the data each pass reads
+# ----------------------------------------------------------------------------------------
+def tf1_adam_replay(theta, grads, lr, beta1, beta2, eps):
+    """tf.train.AdamOptimizer._apply_dense as TF1 computes it, in numpy float64: the accumulators
+    beta1_power, beta2_power start at beta and are multiplied after every update;
+    lr_t = lr sqrt(1 - beta2_power) / (1 - beta1_power), m += (g - m)(1 - beta1), v += (g^2 - v)(1 - beta2),
+    theta -= lr_t m / (sqrt(v) + eps). Returns theta after each step."""
+    theta, m, v = theta.copy(), np.zeros_like(theta), np.zeros_like(theta)
+    b1_power, b2_power, out = beta1, beta2, []
+    for g in grads:
+        lr_t = lr * np.sqrt(1 - b2_power) / (1 - b1_power)
+        m += (g - m) * (1 - beta1)
+        v += (g * g - v) * (1 - beta2)
+        theta = theta - lr_t * m / (np.sqrt(v) + eps)
+        b1_power, b2_power = b1_power * beta1, b2_power * beta2
+        out.append(theta.copy())
+    return out
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.9])  # 0.0: the official controller (utils.py line 218)
+def test_tf_adam_equals_a_closed_form_replay_of_tf1_and_resumes_exactly(beta1):
+    rng = np.random.RandomState(0)
+    theta0 = rng.randn(3, 4)
+    scales = np.array([1e-6, 1e-3, 1e-1, 10.0])  # gradients from far below to far above epsilon = 1e-3
+    grads = [rng.randn(3, 4) * scales for _ in range(8)]
+    want = tf1_adam_replay(theta0, grads, 0.0035, beta1, 0.999, 1e-3)
+    p = torch.nn.Parameter(torch.tensor(theta0))
+    opt = enas.TFAdam([p], 0.0035, betas=(beta1, 0.999), eps=1e-3)
+    for t, g in enumerate(grads):
+        if t == 4:  # resume halfway through from a state dict, as --resume does
+            saved = opt.state_dict()
+            opt = enas.TFAdam([p], 0.0035, betas=(beta1, 0.999), eps=1e-3)
+            opt.load_state_dict(saved)
+        p.grad = torch.tensor(g)
+        opt.step()
+        np.testing.assert_allclose(p.detach().numpy(), want[t], rtol=0, atol=1e-15)
+    # torch.optim.Adam(eps=1e-3) is not this update: it adds epsilon after the bias correction, i.e. uses
+    # s eps with s = sqrt(1 - 0.999^t). On step 1 sqrt(v) = s |g|, so its step is (s |g| + eps) / (s |g| + s eps)
+    # times TF's: 1 / s = 32x for |g| << eps, still 2x at |g| = eps / s = 0.03, 1x only for |g| >> 0.03
+    q = torch.nn.Parameter(torch.tensor(theta0))
+    torch_adam = torch.optim.Adam([q], 0.0035, betas=(beta1, 0.999), eps=1e-3)
+    q.grad = torch.tensor(grads[0])
+    torch_adam.step()
+    ratio = (q.detach().numpy() - theta0) / (want[0] - theta0)  # (3, 4), columns by gradient scale
+    g, s = np.abs(grads[0]), np.sqrt(1 - 0.999)
+    np.testing.assert_allclose(ratio, (s * g + 1e-3) / (s * g + s * 1e-3), rtol=1e-9)
+    assert ratio[:, 0] == pytest.approx(1 / s, rel=0.01) and ratio[:, 3] == pytest.approx(1.0, abs=0.05)
+
+
+class FixedArc:
+    """A stand-in controller that always samples one arc."""
+
+    def __init__(self, arc):
+        self.arc = tuple(torch.tensor([a]) for a in arc)
+
+    def __call__(self, batch):
+        return self.arc, None, None, None
+
+
+@pytest.mark.parametrize("train_aux_head", [False, True])
+def test_child_step_decays_unused_ops_and_leaves_the_aux_head_as_official(train_aux_head):
+    """Deviation 4: an op the cell does not use gets a zero gradient, so its weights take the official SGD
+    step on the L2 term alone: first Nesterov step w - lr (1 + mu) wd w. Deviation 14: the auxiliary head
+    keeps its initial weights (official) unless --train-aux-head."""
+    torch.manual_seed(4)
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = enas.Network(4, 10, 3, nodes=2, auxiliary=True, dropout=0.0)
+        args = enas.Args(lr=0.05, momentum=0.9, weight_decay=0.1, train_aux_head=train_aux_head, report_freq=100)
+        opt = enas.child_optimizer(model, args)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        arc = ([0, 0, 1, 4, 2, 1, 0, 3], [1, 1, 0, 2, 0, 0, 2, 4])
+        data = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,)))]
+        enas.train_child_epoch(model, FixedArc(arc), data, opt, torch.device("cpu"), args,
+                               logging.getLogger("test_enas"), 0)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    after = dict(model.named_parameters())
+    unused = "cells.0.ops.0.0.1.0.0.1.weight"  # node 0, slot 0, input 1, sep_conv_3x3: the arc takes input 0
+    assert after[unused].shape == before[unused].shape
+    torch.testing.assert_close(after[unused].detach(), before[unused] * (1 - 0.05 * 1.9 * 0.1), rtol=0, atol=1e-14)
+    used = "cells.0.ops.0.0.0.0.0.1.weight"  # node 0, slot 0, input 0, sep_conv_3x3: in the arc
+    assert not torch.allclose(after[used], before[used] * (1 - 0.05 * 1.9 * 0.1))
+    aux = [n for n in before if n.startswith("auxiliary_head.")]
+    moved = [n for n in aux if not torch.equal(after[n].detach(), before[n])]
+    assert aux and (moved == aux if train_aux_head else moved == [])
+    assert all(p.grad is None for n, p in after.items() if n in aux) != train_aux_head
+    # the frozen head still passes the aux loss down: the cells below it got a gradient from it
+    assert all(after[n].grad is not None for n in after if n.startswith("stem."))
+
+
+def test_search_reads_only_held_out_training_images_for_reward_and_derivation(monkeypatch, tmp_path):
+    """ENAS's 'best of sampled cells' (and every reward) is chosen on the val split of the training set,
+    never on the test set: images whose pixels are their index in the training set show which ones each
+    forward pass reads; the test split is never loaded."""
+    n, split = 40, 36  # --train-portion 0.9: images 36..39 are the val split
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 8, 8).clone()
+    calls = []
+
+    def load_dataset(name, root, train, image_size=0, cutout=0, augment=None):
+        calls.append(train)
+        return torch.utils.data.TensorDataset(x, torch.arange(n) % 10), 10, 8
+
+    seen = []
+    forward = enas.Network.forward
+
+    def spy(self, inp, arc):
+        seen.append((self.training, set(inp[:, 0, 0, 0].round().long().tolist())))
+        return forward(self, inp, arc)
+
+    derived = []
+    derive = enas.derive
+
+    def spy_derive(model, controller, xv, yv, k, amp=False):
+        derived.append(set(xv[:, 0, 0, 0].round().long().tolist()))
+        return derive(model, controller, xv, yv, k, amp)
+
+    monkeypatch.setattr(common, "load_dataset", load_dataset)
+    monkeypatch.setattr(enas.Network, "forward", spy)
+    monkeypatch.setattr(enas, "derive", spy_derive)
+    args = enas.Args(device="cpu", workers=0, epochs=2, batch_size=4, init_channels=4, layers=3, nodes=2,
+                     steps_per_epoch=3, controller_train_steps=2, controller_num_aggregate=2, derive_samples=3,
+                     stat_samples=4, report_freq=100)
+    genotype, summary = enas.search(args, torch.device("cpu"), tmp_path, logging.getLogger("test_enas"))
+    assert calls == [True]  # the training split only
+    train_seen = set().union(*(s for training, s in seen if training))
+    eval_seen = set().union(*(s for training, s in seen if not training))
+    assert train_seen and train_seen <= set(range(split))
+    assert eval_seen == set(range(split, n))  # reward, derivation and val accuracy: the held-out images
+    assert len(derived) == 2 and all(d <= set(range(split, n)) for d in derived)
+    assert summary["epochs"] == 2 and genotype == common.parse_genotype(str(tmp_path / "genotype.json"))
+
+
+@pytest.mark.parametrize("size", [8, 9, 13, 30, 64])
+def test_shared_network_runs_at_any_image_size_from_8(size):
+    torch.manual_seed(5)
+    model = enas.Network(4, 10, 3, nodes=2, auxiliary=True, dropout=0.1)
+    arcs, _, _, _ = enas.Controller(nodes=2)(1)
+    logits, aux = model(torch.randn(2, 3, size, size), enas.arc_at(arcs, 0))
+    assert logits.shape == aux.shape == (2, 10)
+    (logits.sum() + aux.sum()).backward()
+    assert model.stem[0].weight.grad is not None

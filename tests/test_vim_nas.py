@@ -68,6 +68,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(ref_run, tmp_path):
                             files=(*RUN_FILES, "alpha_steps.jsonl"))
 
 
+@pytest.mark.slow
 def test_digits_one_epoch_search_then_retrain_learns(run):
     """Real data, the paper's one search epoch: a broken search or retraining cannot clear 90 % (chance 10 %)."""
     proc, run_dir = run("vim_nas.py", "--dataset", "digits", "--device", "cpu", "--workers", "0", "--epochs", "1",
@@ -81,12 +82,46 @@ def test_digits_one_epoch_search_then_retrain_learns(run):
 
 def test_bad_flags_are_one_line_and_write_nothing(tmp_path):
     proc = run_script("vim_nas.py", *TINY, "--noise-std", "-1", "--out-dir", tmp_path / "runs")
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "--noise-std is the std of xi" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "--noise-std must be >=0" in proc.stderr
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "runs").exists()
-    args = common.parse_args(vim_nas.Args, [*TINY, "--gen-channels", "0", "--out-dir", str(tmp_path / "runs")])
-    with pytest.raises(common.UsageError, match="--noise-channels and --gen-channels must be >= 1"):
-        vim_nas.main(args)  # the same check in-process (saves a second interpreter start)
-    assert not (tmp_path / "runs").exists()
+
+
+BAD = [  # vim_nas.py's own flags (tests/test_bad_input.py has the ones every file shares)
+    (["--noise-std", "-0.1"], "--noise-std must be >=0, got -0.1"),
+    (["--noise-channels", "0"], "--noise-channels must be >=1"),
+    (["--gen-channels", "0"], "--gen-channels must be >=1"),
+    (["--arch-lr", "0"], "--arch-lr must be >0"),
+    (["--arch-weight-decay", "-1"], "--arch-weight-decay must be >=0"),
+    (["--train-portion", "0"], "--train-portion must be (0, 1)"),
+    (["--grad-clip", "-1"], "--grad-clip must be >=0"),
+    (["--batch-size", "1"], "--batch-size must be >=2"),
+    (["--layers", "2"], "--layers must be >=3"),
+    (["--lr-min", "0.5"], "--lr-min 0.5 is above --lr 0.025"),
+]
+
+
+@pytest.mark.parametrize("flags,needle", BAD, ids=[" ".join(f) for f, _ in BAD])
+def test_own_bad_flags_are_one_line_exit_2_before_any_folder(tmp_path, capsys, flags, needle):
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:
+        common.cli(vim_nas.main, vim_nas.Args, [*TINY, "--out-dir", str(out), *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("size", [8, 9, 13, 30, 64])
+def test_supernet_runs_at_any_image_size_from_8(size):
+    torch.manual_seed(0)
+    model = vim_nas.Network(4, 10, 3)
+    logits = model(torch.randn(2, 3, size, size), vim_nas.sample_noise(model, 1.0))
+    assert logits.shape == (2, 10)
+    grads, _ = vim_nas.phi_grad(model, torch.randn(2, 3, size, size), torch.tensor([1, 2]),
+                                vim_nas.sample_noise(model, 1.0))
+    names = [n for n, _ in model.named_parameters() if n.startswith("arch_")]
+    for cell in ("arch_normal.", "arch_reduce."):  # both generators get a gradient (BN's last shift cannot:
+        # adding one constant to every alpha leaves each softmax unchanged)
+        assert sum(g.abs().sum() for n, g in zip(names, grads) if n.startswith(cell)) > 0
 
 
 # ----------------------------------------------------------------------------- formulas
