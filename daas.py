@@ -12,12 +12,13 @@ weights) is logged every epoch (discretization_gap), and the same evaluator runs
 supernet (notebooks/daas.ipynb, section 8).
 
 Reproduce the paper (search, derive the cell, retrain 600 epochs, test on CIFAR-10):
-    python daas.py                         # 50 epochs, alpha frozen for the first 7
+    python daas.py                         # 50 epochs, alpha frozen in epochs 0-6 (train_search.py --interval 8)
     python daas.py --loss-weight 0         # ablation: the DAAS supernet without its losses
 
-Equations implemented. The paper's text could not be read while writing this file, so these numbers
-are ours; the formulas are those of the official code (MinEntropyLoss.py, dimension.py,
-model_search.py), which match the issue's description. notebooks/daas.ipynb uses the same numbers:
+Equations implemented. Only the abstract and introduction of arXiv:2007.03154 were readable here, so the
+numbers are ours (notebooks/daas.ipynb uses the same); the formulas are those of the official code
+(MinEntropyLoss.py, dimension.py, model_search.py). Where the paper's formulas differ (as transcribed by
+third-party summaries of its Sec. 3, not checked against the PDF), Deviation 2 says how:
     Eq. (1)  x_i = sum_{j<i} b_{j,i} o_bar^(j,i)(x_j), b = n_i softmax(min(beta_i, 1)) for the nodes
              3, 4, 5 (n_i = 3, 4, 5 inputs), b = 1 for node 2      -> SearchCell.forward, edge_weights
     Eq. (2)  o_bar(x) = sum_o softmax(S(alpha))_o o(x), S(t) = 2t if 2t >= -1 else (2t)^3
@@ -36,34 +37,44 @@ model_search.py), which match the issue's description. notebooks/daas.ipynb uses
 
 Deviations from the paper (each is what the official code does, unless marked "ours"):
     1. ours: the official forward weights the NORMAL cells with beta_reduce and the REDUCTION cells
-       with beta_normal, while genotype() prunes the normal cell with beta_normal (model_search.py).
-       Here each cell type uses its own beta. The losses are symmetric in the two, so the official
-       search differs from ours only through which beta the val loss trains.
-    2. Not verifiable here (the PDF was not readable): lambda_0 = 0.1 (--aux_weight), lambda_beta = 4
-       and w = 0.2 (constants in MinEntropyLoss.py), the schedules of Eq. (6)-(7) (dimension.py,
-       linear and log_), beta's parameterisation (softmax of min(beta, 1), times n_i) and that
-       "sum beta" runs over the positive, clipped raw beta, not over the softmax. All as in the code.
+       with beta_normal (model_search.py lines 123-134), while genotype() prunes the normal cell with
+       beta_normal (line 229). Here each cell type uses its own beta. The losses are symmetric in the
+       two, so the official search differs from ours only through which beta the val loss trains.
+    2. The paper (as transcribed, see above) writes L_O as the entropy of softmax(alpha) and L_E per node
+       as the entropy of softmax(beta) plus (sum_j beta_j - 2)^2 with weight 1. The official code, followed
+       here, sharpens alpha with S in L_O and in the forward (MinEntropyLoss.py lines 22-26, model_search.py
+       line 124), clips beta to min(beta, 1) and sums only its positive entries (MinEntropyLoss.py lines
+       36-39), and weights the sum term with w = 0.2 (line 28); --edge-sum-weight 1 gives the paper's
+       weight. Not readable here, taken from the code: lambda_0 = 0.1 (train_search.py --aux_weight), lambda_beta = 4
+       (MinEntropyLoss.py line 46), the schedules of Eq. (6)-(7) (dimension.py lines 12-13 and 51-52) and
+       b = n_i softmax(min(beta, 1)) (model_search.py lines 65-71).
     3. With w = 0.2 the global minimum of a node's L_E term is ONE active edge (value w), not two
        (value log 2): the two-edge point is only a local minimum (for w > 1/8), the one gradient
        descent reaches from the official init 2/n_i (notebook section 4; tests). Pass
        --edge-sum-weight above log 2 = 0.693 to make two edges the global minimum.
-    4. alpha's Adam lr is 0 before epoch E = 8 (train_search.py --interval; 1-based epochs), so
-       alpha is frozen for 7 epochs while its Adam moments still accumulate. beta trains from epoch 1.
-    5. ours: T in Eq. (6)-(7) is --epochs and E is --alpha-start-epoch; dimension.py hard-codes
-       EP = 50 and E = 8 (the same at the defaults). max(T - 1, 1) and max(T - E, 2) only guard runs
-       shorter than E + 2 epochs.
+    4. alpha's Adam lr is 0 in 0-based epochs 0..6 (--warmup-epochs 7): train_search.py --interval 8
+       (line 31) calls architect.set() when the 1-based epoch (line 116) equals 8 (lines 153-154), which
+       gives alpha its lr from then on (architect.py lines 21, 46-49). alpha is frozen while its Adam
+       moments still accumulate; beta trains from epoch 0.
+    5. ours: T in Eq. (6)-(7) is --epochs and E = --warmup-epochs + 1 (the first 1-based epoch alpha
+       moves); dimension.py hard-codes EP = 50 and E = 8 (lines 5, 40), the same at the defaults.
+       max(T - 1, 1) and max(T - E, 2) only guard runs shorter than E + 2 epochs.
     6. The op set has no 'none' (official genotypes.py), 7 ops; alpha init 1e-4 N(0, 1), beta init
        2/n_i + 1e-4 N(0, 1) (official writes 0.666 for 2/3); node 2 has no beta (official).
-    7. Genotype (official): top-2 beta inputs of nodes 3-5, argmax op of each kept edge; the two kept
-       edges are listed by their strongest op weight, here softmax(S(alpha)) (official: softmax(alpha),
-       same argmax). Ties of beta go to the lower input index (official: to the higher).
+    7. Genotype (official model_search.py lines 189-232): the 2 inputs of largest beta for nodes 3-5,
+       the argmax op on each kept edge; within a node the two kept edges are listed by the strongest op
+       weight of softmax(alpha) (lines 198-200 on line 231's softmax, no S), as here. The order decides
+       which edge of a node is built first in the retrained cell (their random init) and how genotype.png
+       draws it. Ties of beta go to the lower input index (official: to the higher).
     8. ours: H is computed as -sum p log_softmax(z), which stays finite when p underflows; the official
        torch.log(softmax) gives 0 * -inf = nan once S(alpha) < -104.
-    9. First order only (official default; the official --unrolled path crashes, card §4.6).
-   10. ours, as darts.py: the scheduler steps at the end of each epoch (card §0.7); each epoch walks
-       the shuffled val half once (official: next(iter(valid_queue)) per step); alpha and beta are
-       nn.Parameters, so checkpoints hold them; the weight step minimises L_C only, which has the
-       same gradient in w as Eq. (5) (the losses of Eq. (3)-(4) do not depend on w).
+    9. First order only (official default; the official --unrolled path crashes: architect.py line 57
+       calls model._loss without the epoch argument that model_search.py line 140 requires).
+   10. ours, as darts.py: the scheduler steps at the end of each epoch (train_search.py lines 117-118
+       step it first); each epoch walks the shuffled val half once (official: next(iter(valid_queue)) per
+       step, line 149); alpha and beta are nn.Parameters, so checkpoints hold them; the weight step
+       minimises L_C only, which has the same gradient in w as Eq. (5) (the losses of Eq. (3)-(4) do not
+       depend on w).
    11. ours: the discretization gap is measured every epoch on the val half. The paper's protocol
        (BN statistics, data) could not be read; we log the derived cell with the supernet's BN
        running statistics (disc_val_acc, weights and statistics inherited as they are) and with BN
@@ -73,6 +84,9 @@ Deviations from the paper (each is what the official code does, unless marked "o
        section 8 measures both).
    12. Retraining: the DARTS protocol of common.retrain (official cnn/train.py is DARTS's; auxiliary
        towers and cutout on, as the README command passes them).
+   13. ours: the searched cell is derived after the last epoch; train_search.py logs model.genotype() at
+       the start of each epoch (lines 121-122), so its last logged cell is the one before epoch 50 trains.
+   Plus the deviations shared by every method file, listed in common.py's docstring (C1-C5).
 
 Runs: --resume RUN_DIR continues a killed run (README.md, "Resume a killed run").
 """
@@ -98,28 +112,33 @@ PRIMITIVES = [p for p in DARTS_PRIMITIVES if p != "none"]  # official genotypes.
 @dataclasses.dataclass
 class Args(common.BaseArgs):
     exp_name: str = arg("daas", "name of the method; prefix of the run folder", "run")
-    # Algorithm specific arguments (sunsmarterjie/DAAS cnn/train_search.py defaults)
-    epochs: int = arg(50, "train_search.py --epochs 50 (also EP of dimension.py's schedules)")
-    batch_size: int = arg(64, "train_search.py --batch_size 64 (train and val streams)")
-    lr: float = arg(0.025, "train_search.py --learning_rate 0.025 (weights, SGD)")
-    lr_min: float = arg(0.001, "train_search.py --learning_rate_min 0.001 (cosine floor)")
-    momentum: float = arg(0.9, "train_search.py --momentum 0.9")
-    weight_decay: float = arg(3e-4, "train_search.py --weight_decay 3e-4")
-    init_channels: int = arg(16, "train_search.py --init_channels 16")
-    layers: int = arg(8, "train_search.py --layers 8 (cells in the supernet)")
-    grad_clip: float = arg(5.0, "train_search.py --grad_clip 5 (weights only)")
-    train_portion: float = arg(0.5, "train_search.py --train_portion 0.5 (weights / arch split)")
-    arch_lr_alpha: float = arg(3e-4, "train_search.py --arch_lr_alpha 3e-4 (Adam, from --alpha-start-epoch)")
-    arch_lr_beta: float = arg(3e-4, "train_search.py --arch_lr_beta 3e-4 (Adam, from epoch 1)")
-    arch_weight_decay: float = arg(1e-3, "train_search.py --arch_weight_decay 1e-3")
-    alpha_start_epoch: int = arg(8, "train_search.py --interval 8: alpha's lr is 0 before this 1-based epoch; "
-                                 "also E of Eq. (7)")
+    # Algorithm specific arguments (sunsmarterjie/DAAS cnn/train_search.py defaults, lines 27-51)
+    epochs: int = arg(50, "train_search.py --epochs 50 (also EP of dimension.py's schedules)", check=">=1")
+    batch_size: int = arg(64, "train_search.py --batch_size 64 (train and val streams)", check=">=2")
+    lr: float = arg(0.025, "train_search.py --learning_rate 0.025 (weights, SGD)", check=">0")
+    lr_min: float = arg(0.001, "train_search.py --learning_rate_min 0.001 (cosine floor)", check=">=0")
+    momentum: float = arg(0.9, "train_search.py --momentum 0.9", check="[0,1)")
+    weight_decay: float = arg(3e-4, "train_search.py --weight_decay 3e-4", check=">=0")
+    init_channels: int = arg(16, "train_search.py --init_channels 16", check=">=1")
+    layers: int = arg(8, "train_search.py --layers 8 (cells in the supernet; at least 3: reduction cells sit at "
+                      "layers//3 and 2*layers//3, so fewer cells have no normal cell and its alpha and beta would "
+                      "be trained by the losses alone)", check=">=3")
+    grad_clip: float = arg(5.0, "train_search.py --grad_clip 5 (weights only); 0 = no clipping", check=">=0")
+    train_portion: float = arg(0.5, "train_search.py --train_portion 0.5 (weights / arch split)", check="(0,1)")
+    arch_lr: float = arg(3e-4, "train_search.py --arch_lr_alpha 3e-4 (Adam on alpha, after --warmup-epochs)",
+                         check=">0", aliases=("--arch-lr-alpha",))
+    arch_lr_beta: float = arg(3e-4, "train_search.py --arch_lr_beta 3e-4 (Adam on beta, from epoch 0)", check=">0")
+    arch_weight_decay: float = arg(1e-3, "train_search.py --arch_weight_decay 1e-3", check=">=0")
+    warmup_epochs: int = arg(7, "alpha is not updated in 0-based epochs 0..N-1 (train_search.py --interval 8: "
+                             "alpha's lr is set in 1-based epoch 8, lines 153-154); E = N + 1 in Eq. (7)",
+                             check=">=0")
     loss_weight: float = arg(0.1, "lambda_0 of Eq. (6) (train_search.py --aux_weight 0.1); 0 turns the DAAS "
-                             "losses off")
-    lambda_beta: float = arg(4.0, "lambda_beta of Eq. (5) (MinEntropyLoss.py: 4 * loss3)")
-    edge_sum_weight: float = arg(0.2, "w of Eq. (4) (MinEntropyLoss.py w = 0.2); > log 2 makes two edges the "
-                                 "global minimum (Deviation 3)")
-    bn_batches: int = arg(20, "ours: train batches that re-estimate BN statistics for disc_val_acc_bn; 0 = skip")
+                             "losses off", check=">=0")
+    lambda_beta: float = arg(4.0, "lambda_beta of Eq. (5) (MinEntropyLoss.py line 46: 4 * loss3)", check=">=0")
+    edge_sum_weight: float = arg(0.2, "w of Eq. (4) (MinEntropyLoss.py line 28: w = 0.2; the paper: 1); > log 2 "
+                                 "makes two edges the global minimum (Deviations 2-3)", check=">=0")
+    bn_batches: int = arg(20, "ours: train batches that re-estimate BN statistics for disc_val_acc_bn; 0 = skip",
+                          check=">=0")
 
 
 # =====================================================================================
@@ -229,9 +248,10 @@ class Network(nn.Module):
                 "reduce": F.softmax(strengthen(self.alphas_reduce), -1)}
 
     def genotype(self):
-        w = self.op_weights()
-        return derive_genotype(w["normal"], w["reduce"], [b.detach() for b in self.betas_normal],
-                               [b.detach() for b in self.betas_reduce])
+        # Deviation 7: official genotype() parses softmax(alpha), not the forward's softmax(S(alpha)):
+        # the same argmax op, but S can change which kept edge of a node is listed first
+        return derive_genotype(F.softmax(self.alphas_normal, -1), F.softmax(self.alphas_reduce, -1),
+                               [b.detach() for b in self.betas_normal], [b.detach() for b in self.betas_reduce])
 
 
 # =====================================================================================
@@ -273,6 +293,11 @@ def lambda_alpha(t, epochs, start=8):
     return 0.0 if t < start else math.log(t - start + 1) / math.log(max(epochs - start, 2))
 
 
+def alpha_lr(epoch, args):
+    """Deviation 4: alpha's Adam lr in the 0-based epoch; 0 during the warm-up (official architect.set())."""
+    return args.arch_lr if epoch >= args.warmup_epochs else 0.0
+
+
 def arch_grad(model, x_val, y_val, coef_alpha, coef_beta, w=0.2):
     """Eq. (5) on a val batch, first order: grad_(alpha, beta) of
     L_C + lambda_c lambda_alpha L_O + lambda_c lambda_beta L_E, with coef_alpha = lambda_c lambda_alpha
@@ -291,8 +316,8 @@ def arch_grad(model, x_val, y_val, coef_alpha, coef_beta, w=0.2):
 def derive_genotype(w_normal, w_reduce, b_normal, b_reduce, steps=4, multiplier=4):
     """Official genotype(): node 2 keeps both inputs; nodes 3-5 keep the 2 inputs with the largest
     beta; every kept edge gets its argmax op (no 'none' in the op set). The two kept edges are listed
-    by their strongest op weight, as DARTS lists them. w_*: (n_edges, n_ops) op weights;
-    b_*: beta vectors of nodes 3..5, lengths 3, 4, 5."""
+    by their strongest op weight, as DARTS lists them (model_search.py lines 198-200). w_*: (n_edges,
+    n_ops) op weights, softmax(alpha) in the official rule (line 231); b_*: beta vectors of nodes 3..5."""
     def parse(w, betas):
         w, betas = w.detach().cpu(), [b.tolist() for b in betas]
         gene, start = [], 0
@@ -390,7 +415,7 @@ def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, 
     val batch (Adam on alpha and beta, Eq. (5)), then a weight step on the train batch."""
     model.train()
     lam_c = lambda_c(epoch + 1, args.epochs, args.loss_weight)  # the official schedules count epochs from 1
-    coef_alpha = lam_c * lambda_alpha(epoch + 1, args.epochs, args.alpha_start_epoch)
+    coef_alpha = lam_c * lambda_alpha(epoch + 1, args.epochs, args.warmup_epochs + 1)  # E = N + 1
     coef_beta = lam_c * args.lambda_beta
     steps = min(len(train_data), args.steps_per_epoch or len(train_data))
     loss_sum, acc_sum, n, t0 = 0.0, 0.0, 0, time.time()
@@ -411,7 +436,7 @@ def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, 
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.weight_parameters(), args.grad_clip)
+        common.clip_grad(model.weight_parameters(), args.grad_clip)
         w_optimizer.step()
         loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + common.accuracy(logits, y), n + 1
         if (step + 1) % args.report_freq == 0 or step + 1 == steps:
@@ -461,7 +486,7 @@ def search(args, device, run_dir, log):
     w_optimizer = torch.optim.SGD(model.weight_parameters(), args.lr, momentum=args.momentum,
                                   weight_decay=args.weight_decay)
     # architect.py: Adam with betas (0.5, 0.999), weight decay 1e-3; alpha and beta in two groups
-    a_optimizer = torch.optim.Adam([{"params": model.arch_parameters(), "lr": args.arch_lr_alpha},
+    a_optimizer = torch.optim.Adam([{"params": model.arch_parameters(), "lr": alpha_lr(0, args)},
                                     {"params": model.beta_parameters(), "lr": args.arch_lr_beta}],
                                    betas=(0.5, 0.999), weight_decay=args.arch_weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(w_optimizer, args.epochs, eta_min=args.lr_min)
@@ -475,8 +500,8 @@ def search(args, device, run_dir, log):
     for epoch in range(start, args.epochs):
         t0 = time.time()
         lr = w_optimizer.param_groups[0]["lr"]
-        # ALGO LOGIC: Deviation 4: alpha's lr is 0 before epoch E (1-based), official architect.set()
-        a_optimizer.param_groups[0]["lr"] = args.arch_lr_alpha if epoch + 1 >= args.alpha_start_epoch else 0.0
+        # ALGO LOGIC: Deviation 4: alpha's lr is 0 in the warm-up epochs 0..N-1 (official architect.set())
+        a_optimizer.param_groups[0]["lr"] = alpha_lr(epoch, args)
         val_iter = common.forever(val_data)  # one pass of the val half per epoch at the 50/50 split
         train_loss, train_acc, s_per_step = search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer,
                                                          device, args, log, epoch)
@@ -495,7 +520,7 @@ def search(args, device, run_dir, log):
         t = epoch + 1
         row = {"epoch": epoch, "lr": lr, "alpha_lr": a_optimizer.param_groups[0]["lr"],
                "lambda_c": lambda_c(t, args.epochs, args.loss_weight),
-               "lambda_alpha": lambda_alpha(t, args.epochs, args.alpha_start_epoch),
+               "lambda_alpha": lambda_alpha(t, args.epochs, args.warmup_epochs + 1),
                "train_loss": train_loss, "train_acc": train_acc, **gap,
                "loss_O": loss_o, "loss_E": loss_e, "discreteness": discreteness(model), "edge_weights": b,
                "seconds": time.time() - t0, "seconds_per_step": s_per_step,
@@ -542,45 +567,12 @@ def search(args, device, run_dir, log):
 # main: search -> derive -> retrain -> test
 # =====================================================================================
 def main(args):
-    device = common.get_device(args.device)
-    if args.resume:
-        args = common.resume_args(args, __file__)  # the run's own flags; checks folder and checkpoints
-    common.check_common_args(args, device)
-    if not 0 < args.train_portion < 1:
-        raise UsageError(f"--train-portion must be in (0, 1), got {args.train_portion}")
-    if not 1 <= args.alpha_start_epoch <= args.epochs:
-        raise UsageError(f"--alpha-start-epoch {args.alpha_start_epoch} must be in 1..--epochs ({args.epochs}), "
-                         "or alpha never trains; short runs need e.g. --alpha-start-epoch 1")
-    if min(args.loss_weight, args.lambda_beta, args.edge_sum_weight, args.bn_batches) < 0:
-        raise UsageError("--loss-weight, --lambda-beta, --edge-sum-weight and --bn-batches must be >= 0")
+    args, device = common.prepare(args, __file__)  # --resume's flags, the device, every flag's range
     genotype = common.parse_genotype(args.genotype) if args.genotype else None  # fail before any work
-    if genotype is not None and args.no_retrain:
-        raise UsageError("--genotype skips the search and --no-retrain skips retraining: nothing to do")
-    rank, world, device = common.setup_distributed(device)
-    if world > 1 and genotype is None:
-        raise UsageError("under torchrun only retraining is distributed: search with one process, then "
-                         "pass --genotype runs/<run>/genotype.json")
-    run_dir, log = common.start_run(args, __file__)
-    common.seed_everything(args.seed, args.torch_deterministic)
-    results = {"method": "daas", "dataset": args.dataset, "seed": args.seed}
-    if genotype is None:
-        genotype, results["search"] = search(args, device, run_dir, log)
-    else:
-        log.info("retraining the given genotype, no search: %s", genotype)
-    results["genotype"] = common.genotype_to_dict(genotype)
-    if rank == 0:
-        common.write_json(run_dir / "genotype.json", results["genotype"])
-        common.plot_genotype(genotype, run_dir / "genotype.png")
-    if not args.no_retrain:
-        results["retrain"] = common.retrain(genotype, args, device, run_dir, log, "daas")
-    if rank != 0:
-        return None
-    if not args.no_retrain:
-        log.info("test accuracy %.2f %% (best %.2f %%), %.3f M params", results["retrain"]["test_acc"],
-                 results["retrain"]["best_test_acc"], results["retrain"]["params_M"])
-    common.write_json(run_dir / "results.json", results)
-    log.info("done: %s", run_dir / "results.json")
-    return results
+    if genotype is None and args.warmup_epochs >= args.epochs:
+        raise UsageError(f"--warmup-epochs {args.warmup_epochs} leaves alpha no step in --epochs {args.epochs} "
+                         "(it is frozen in epochs 0..N-1); short runs need e.g. --warmup-epochs 0")
+    return common.run(args, __file__, "daas", device, genotype, search)
 
 
 if __name__ == "__main__":

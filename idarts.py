@@ -28,31 +28,40 @@ in notebooks/idarts.ipynb; grep "Eq. (Neumann)" finds both); DARTS's are arXiv:1
 
 Deviations from the paper (each is what the official code does, unless marked "ours"):
     1. ours: no DARTS-space code exists, so search space, supernet, schedule, optimisers, alpha init
-       (1e-3 N(0, 1)), batch size 64, 50 epochs and the derivation rule are DARTS's (card §5.3); the
-       DARTS-space T and K of the paper could not be read and are not verified.
-    2. T = 5 (--inner-steps) and K = 2 (--neumann-k) are the NAS-Bench-1Shot1 code's (architect_approx.py:
-       `for step in range(5)`, terms 1 + (1 - eta g) + (1 - eta g)^2); the NAS-Bench-201 notebook has
-       T = 4 and the same K = 2 (v + g1 + g2, two Hessian-vector products).
+       (1e-3 N(0, 1)), batch size 64, 8 cells, 50 epochs and the derivation rule are DARTS's (quark0/darts
+       cnn/train_search.py and model_search.py); the 1Shot1 search (idarts_v2/train_search.py lines 42-63)
+       shares lr, cosine floor, momentum, weight decay, clip, split, 50 epochs and the Adam settings, but
+       its batch (96) and cells (9) belong to NAS-Bench-1Shot1's space. The paper's DARTS-space T and K
+       could not be read and are not verified.
+    2. T = 5 (--inner-steps) and K = 2 (--neumann-k) are the NAS-Bench-1Shot1 code's
+       (idarts_v2/architect_approx.py line 34 `for step in range(5)`, line 69 terms 1 + (1 - eta g) +
+       (1 - eta g)^2); the NAS-Bench-201 notebook (iDARTS_V2.ipynb, second cell, line 70) has T = 4 and
+       the same K = 2 (v + g1 + g2 of line 34, two Hessian-vector products).
     3. gamma is the weight lr in use (both official variants pass eta = lr), unless --neumann-gamma > 0.
     4. ours: the T inner steps are real SGD steps (momentum, weight decay, grad-norm clip 5) with the
-       search's own optimiser. The NAS-Bench-201 notebook steps a deepcopy of the optimiser whose
-       parameters are copies, so its inner steps leave the supernet unchanged (card §5.2).
+       search's own optimiser. The NAS-Bench-201 notebook steps a deepcopy of the optimiser
+       (second cell, lines 67 and 80) whose parameters are copies, so its inner steps leave the
+       supernet unchanged.
     5. ours: (I - gamma H)^k v uses exact Hessian-vector products and the mixed term
        d2_{alpha,w} L_train . s is exact too (double backward). NAS-Bench-201 uses exact HVPs but a
        central finite difference for the mixed term; NAS-Bench-1Shot1 replaces H by the diagonal
        proxy d||grad_w L_train|| / dw. Both official variants then restore w with v instead of s
-       ("noise improves the result"); ours leaves w untouched.
-    6. As in the NAS-Bench-1Shot1 code (train_search.py loops over valid_queue), one epoch walks the
-       val half once: every alpha step takes T train batches for the inner steps, one more train
+       ("noise improves the result", NAS-Bench-201 notebook second cell line 59); ours leaves w untouched.
+    6. As in the NAS-Bench-1Shot1 code (train_search.py line 199 loops over valid_queue), one epoch walks
+       the val half once: every alpha step takes T train batches for the inner steps, one more train
        batch j for H^j and the mixed term (NAS-Bench-201: also a fresh batch) and one val batch i, so
        an epoch makes T times as many weight steps as a DARTS epoch. H is the Hessian of the
        cross-entropy only; the weight decay's lambda I (gamma lambda ~ 1e-5) is left out, as officially.
     7. ours: the train stream is walked in order (reshuffled each pass) instead of a fresh
        next(iter(loader)) per batch; gamma is the lr in use and the scheduler steps at the end of
-       each epoch (darts.py Deviation 4; the 1Shot1 code steps it first); alpha are nn.Parameters,
-       so they are in every checkpoint.
+       each epoch (darts.py Deviation 4; the 1Shot1 code steps it first, train_search.py lines 152-153);
+       alpha are nn.Parameters, so they are in every checkpoint; the searched cell is derived after the
+       last epoch. The 1Shot1 code saves alpha at the start of each epoch (lines 159-165) and evaluates
+       that file after the epoch (line 184); quark0/darts logs the genotype at the start of each epoch
+       (train_search.py lines 113-114): their last cell is the one before the last epoch trains.
     8. ours: --amp (bfloat16 autocast, CUDA only) covers the inner weight steps and retraining; the
        hypergradient always runs in float32. Retraining is the DARTS protocol (common.retrain).
+    Plus the deviations shared by every method file, listed in common.py's docstring (C1-C5).
 
 Runs: --resume RUN_DIR continues a killed run; under torchrun only retraining is distributed
 (README.md, "Resume a killed run" and "Several GPUs").
@@ -66,7 +75,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from common import OPS, PRIMITIVES, Genotype, UsageError, arg
+from common import OPS, PRIMITIVES, Genotype, arg
 
 
 # =====================================================================================
@@ -75,24 +84,35 @@ from common import OPS, PRIMITIVES, Genotype, UsageError, arg
 @dataclasses.dataclass
 class Args(common.BaseArgs):
     exp_name: str = arg("idarts", "name of the method; prefix of the run folder", "run")
-    # Algorithm specific arguments (DARTS protocol, card §5.3; quark0/darts cnn/train_search.py defaults)
-    epochs: int = arg(50, "train_search.py --epochs 50 (also 1Shot1 idarts_v2/train_search.py)")
-    batch_size: int = arg(64, "train_search.py --batch_size 64 (train and val streams)")
-    lr: float = arg(0.025, "train_search.py --learning_rate 0.025 (weights, SGD)")
-    lr_min: float = arg(0.001, "train_search.py --learning_rate_min 0.001 (cosine floor)")
-    momentum: float = arg(0.9, "train_search.py --momentum 0.9")
-    weight_decay: float = arg(3e-4, "train_search.py --weight_decay 3e-4")
-    init_channels: int = arg(16, "train_search.py --init_channels 16")
-    layers: int = arg(8, "train_search.py --layers 8 (cells in the supernet)")
-    grad_clip: float = arg(5.0, "train_search.py --grad_clip 5 (weights only; also iDARTS inner steps)")
-    train_portion: float = arg(0.5, "train_search.py --train_portion 0.5 (weights / alpha split)")
-    arch_lr: float = arg(3e-4, "train_search.py --arch_learning_rate 3e-4 (Adam)")
-    arch_weight_decay: float = arg(1e-3, "train_search.py --arch_weight_decay 1e-3")
+    # Algorithm specific arguments (DARTS protocol, Deviation 1: quark0/darts cnn/train_search.py defaults;
+    # "1Shot1" = MiaoZhang0525/iDARTS NAS-Bench-1Shot1-codes/optimizers/idarts_v2/train_search.py)
+    epochs: int = arg(50, "train_search.py --epochs 50 (also 1Shot1 line 49)", check=">=1")
+    batch_size: int = arg(64, "train_search.py --batch_size 64, train and val streams (1Shot1 line 42: 96)",
+                          check=">=2")
+    lr: float = arg(0.025, "train_search.py --learning_rate 0.025, weights, SGD (also 1Shot1 line 43)", check=">0")
+    lr_min: float = arg(0.001, "train_search.py --learning_rate_min 0.001, cosine floor (also 1Shot1 line 44)",
+                        check=">=0")
+    momentum: float = arg(0.9, "train_search.py --momentum 0.9 (also 1Shot1 line 45)", check="[0,1)")
+    weight_decay: float = arg(3e-4, "train_search.py --weight_decay 3e-4 (also 1Shot1 line 46)", check=">=0")
+    init_channels: int = arg(16, "train_search.py --init_channels 16 (also 1Shot1 line 50)", check=">=1")
+    layers: int = arg(8, "train_search.py --layers 8, cells in the supernet (1Shot1 line 51: 9); at least 3: "
+                      "reduction cells sit at layers//3 and 2*layers//3, so fewer cells have no normal cell and "
+                      "alphas_normal gets no gradient", check=">=3")
+    grad_clip: float = arg(5.0, "train_search.py --grad_clip 5, weights only, also the iDARTS inner steps (1Shot1 "
+                           "line 59); 0 = no clipping", check=">=0")
+    train_portion: float = arg(0.5, "train_search.py --train_portion 0.5, weights / alpha split (also 1Shot1 "
+                               "line 60)", check="(0,1)")
+    arch_lr: float = arg(3e-4, "train_search.py --arch_learning_rate 3e-4, Adam (also 1Shot1 line 62)", check=">0",
+                         aliases=("--arch-learning-rate",))
+    arch_weight_decay: float = arg(1e-3, "train_search.py --arch_weight_decay 1e-3 (also 1Shot1 line 63)",
+                                   check=">=0")
     # iDARTS (MiaoZhang0525/iDARTS @ 419a67b; see Deviations 2-3)
-    inner_steps: int = arg(5, "T: weight steps per alpha step (1Shot1 architect_approx.py range(5); "
-                           "NAS-Bench-201 notebook: 4)")
-    neumann_k: int = arg(2, "K: Neumann terms k = 0..K, K Hessian-vector products (both official variants: 2)")
-    neumann_gamma: float = arg(0.0, "gamma of Eq. (Neumann); 0 = the weight lr in use (official: eta = lr)")
+    inner_steps: int = arg(5, "T: weight steps per alpha step (1Shot1 architect_approx.py line 34: range(5); "
+                           "NAS-Bench-201 notebook: 4)", check=">=1")
+    neumann_k: int = arg(2, "K: Neumann terms k = 0..K, K Hessian-vector products (both official variants: 2)",
+                         check=">=0")
+    neumann_gamma: float = arg(0.0, "gamma of Eq. (Neumann); 0 = the weight lr in use (official: eta = lr)",
+                               check=">=0")
 
 
 # =====================================================================================
@@ -248,7 +268,7 @@ def weight_step(model, x, y, w_optimizer, device, args):
         logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
     loss.backward()
-    nn.utils.clip_grad_norm_(model.weight_parameters(), args.grad_clip)
+    common.clip_grad(model.weight_parameters(), args.grad_clip)
     w_optimizer.step()
     return loss.item(), common.accuracy(logits, y)
 
@@ -362,46 +382,9 @@ def search(args, device, run_dir, log):
 # main: search -> derive -> retrain -> test
 # =====================================================================================
 def main(args):
-    device = common.get_device(args.device)
-    if args.resume:
-        args = common.resume_args(args, __file__)  # the run's own flags; checks folder and checkpoints
-    common.check_common_args(args, device)
-    if not 0 < args.train_portion < 1:
-        raise UsageError(f"--train-portion must be in (0, 1), got {args.train_portion}")
-    if args.inner_steps < 1:
-        raise UsageError(f"--inner-steps (T) must be >= 1, got {args.inner_steps}")
-    if args.neumann_k < 0:
-        raise UsageError(f"--neumann-k (K) must be >= 0, got {args.neumann_k}")
-    if args.neumann_gamma < 0:
-        raise UsageError(f"--neumann-gamma must be > 0, or 0 for the weight lr in use; got {args.neumann_gamma}")
+    args, device = common.prepare(args, __file__)  # --resume's flags, the device, every flag's range
     genotype = common.parse_genotype(args.genotype) if args.genotype else None  # fail before any work
-    if genotype is not None and args.no_retrain:
-        raise UsageError("--genotype skips the search and --no-retrain skips retraining: nothing to do")
-    rank, world, device = common.setup_distributed(device)
-    if world > 1 and genotype is None:
-        raise UsageError("under torchrun only retraining is distributed: search with one process, then "
-                         "pass --genotype runs/<run>/genotype.json")
-    run_dir, log = common.start_run(args, __file__)
-    common.seed_everything(args.seed, args.torch_deterministic)
-    results = {"method": "idarts", "dataset": args.dataset, "seed": args.seed}
-    if genotype is None:
-        genotype, results["search"] = search(args, device, run_dir, log)
-    else:
-        log.info("retraining the given genotype, no search: %s", genotype)
-    results["genotype"] = common.genotype_to_dict(genotype)
-    if rank == 0:
-        common.write_json(run_dir / "genotype.json", results["genotype"])
-        common.plot_genotype(genotype, run_dir / "genotype.png")
-    if not args.no_retrain:
-        results["retrain"] = common.retrain(genotype, args, device, run_dir, log, "idarts")
-    if rank != 0:
-        return None
-    if not args.no_retrain:
-        log.info("test accuracy %.2f %% (best %.2f %%), %.3f M params", results["retrain"]["test_acc"],
-                 results["retrain"]["best_test_acc"], results["retrain"]["params_M"])
-    common.write_json(run_dir / "results.json", results)
-    log.info("done: %s", run_dir / "results.json")
-    return results
+    return common.run(args, __file__, "idarts", device, genotype, search)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ CASES.append((["--genotype", EDGE_ALL], "edge_all"))
 VALID = {  # flags that make TINY's 2-epoch search a valid run of a method (a longer warm-up is a usage error)
     "pc_darts": ["--warmup-epochs", "1"],
     "p_darts": ["--warmup-epochs", "1"],
+    "daas": ["--warmup-epochs", "1"],
 }
 
 

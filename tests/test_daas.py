@@ -13,7 +13,7 @@ import daas
 from conftest import TINY, kill_resume_and_compare, read_jsonl, run_script
 
 P = daas.PRIMITIVES
-FAST = ["--alpha-start-epoch", "1", "--bn-batches", "2"]  # TINY has 2 epochs: alpha must train from epoch 1
+FAST = ["--warmup-epochs", "0", "--bn-batches", "2"]  # TINY has 2 epochs: alpha must train from epoch 0
 
 
 # ------------------------------------------------------------------ formulas
@@ -143,6 +143,25 @@ def test_schedules_closed_form():
     assert daas.lambda_c(1, 1) == 0.0 and daas.lambda_alpha(3, 3, 2) == pytest.approx(1.0)  # short-run guards
 
 
+def test_default_warmup_is_the_official_interval_8():
+    """Replay of the official schedule: epochs t = 1..50 (train_search.py line 116), architect.set() gives alpha
+    its lr when t == --interval 8 (lines 153-154; architect.py starts it at 0, line 21), and lambda_alpha is
+    dimension.py log_ with E = 8. Ours, at 0-based epoch t - 1 with the default --warmup-epochs 7: the same."""
+    args = daas.Args()
+    official_lr, lr = [], 0.0
+    for t in range(1, 51):
+        if t == 8:
+            lr = args.arch_lr  # architect.set()
+        official_lr.append(lr)
+    assert [daas.alpha_lr(e, args) for e in range(args.epochs)] == official_lr
+    assert official_lr.index(args.arch_lr) == args.warmup_epochs == 7  # first moving 0-based epoch
+    official_log = [0 if t < 8 else math.log(t - 8 + 1, 50 - 8) for t in range(1, 51)]
+    ours = [daas.lambda_alpha(e + 1, args.epochs, args.warmup_epochs + 1) for e in range(args.epochs)]
+    assert ours == pytest.approx(official_log, rel=1e-15, abs=0)
+    official_linear = [args.loss_weight * (t - 1) / (50 - 1) for t in range(1, 51)]  # weight * linear(t)
+    assert [daas.lambda_c(e + 1, args.epochs, args.loss_weight) for e in range(50)] == pytest.approx(official_linear)
+
+
 def test_edge_weights_of_eq_1():
     assert torch.allclose(daas.edge_weights(torch.full((4,), 0.5)), torch.ones(4))  # uniform = DARTS's 1 each
     b = torch.tensor([5.0, 1.0, 0.0])  # min(beta, 1): the first two are equal
@@ -174,6 +193,73 @@ def test_derive_genotype_uses_beta_for_edges_and_alpha_for_ops():
                         ("dil_conv_3x3", 3), ("avg_pool_3x3", 0), ("dil_conv_5x5", 2), ("sep_conv_5x5", 1)]
     assert g.reduce == g.normal and g.normal_concat == [2, 3, 4, 5]
     common.validate_genotype(g)
+
+
+def official_genotype(alphas_normal, alphas_reduce, beta_normal, beta_reduce):
+    """A replay of the official model_search.py genotype() (lines 189-232), in numpy: zero the alpha rows of
+    the lowest-beta inputs of nodes 3-5 (_sift_beta), softmax(alpha) WITHOUT S, then the DARTS parse: per node
+    the 2 edges of largest max weight, in that order, each with its argmax op."""
+    def sift(betas, W):
+        W, offset = W.copy(), 2
+        for node, n_drop in zip(betas, (1, 2, 3)):
+            for j in np.argsort(node, kind="stable")[:n_drop]:
+                W[offset + j] = 0
+            offset += len(node)
+        return W
+
+    def parse(W):
+        gene, start = [], 0
+        for i in range(4):
+            rows = W[start:start + i + 2]
+            for j in sorted(range(i + 2), key=lambda x: -max(rows[x]))[:2]:
+                gene.append((P[int(np.argmax(rows[j]))], j))
+            start += i + 2
+        return gene
+
+    out = []
+    for a, b in ((alphas_normal, beta_normal), (alphas_reduce, beta_reduce)):
+        W = sift(b, a)
+        out.append(parse(np.exp(W) / np.exp(W).sum(1, keepdims=True)))
+    return out
+
+
+def test_genotype_lists_the_edges_of_a_node_as_the_official_rule():
+    """Deviation 7: within a node the kept edges are ordered by max softmax(alpha) (official), not by the
+    forward's softmax(S(alpha)). Node 2 below: edge 0 has two tied leaders (max softmax(alpha) 0.261), edge 1
+    one leader (0.251), so the official order is edge 0 first; under S edge 1 would lead (0.403 vs 0.374)."""
+    torch.manual_seed(0)
+    model = daas.Network(4, 10, 3)
+    with torch.no_grad():
+        model.alphas_normal[0] = torch.tensor([1.0, 1.0, 0, 0, 0, 0, 0])
+        model.alphas_normal[1] = torch.tensor([0, 0, 0, 0.7, 0, 0, 0])
+    sharp = F.softmax(daas.strengthen(model.alphas_normal[:2].detach()), -1).max(1).values
+    plain = F.softmax(model.alphas_normal[:2].detach(), -1).max(1).values
+    assert plain[0] > plain[1] and sharp[0] < sharp[1]  # S flips the order: the test can fail
+    assert model.genotype().normal[:2] == [("max_pool_3x3", 0), ("sep_conv_3x3", 1)]
+    for seed in range(20):  # random alpha of the size a search reaches, where S matters
+        torch.manual_seed(seed)
+        model = daas.Network(4, 10, 3)
+        with torch.no_grad():
+            for p in model.arch_parameters() + model.beta_parameters():
+                p.add_(torch.randn_like(p))
+        want = official_genotype(*(a.detach().double().numpy() for a in model.arch_parameters()),
+                                 [b.detach().numpy() for b in model.betas_normal],
+                                 [b.detach().numpy() for b in model.betas_reduce])
+        g = model.genotype()
+        assert [g.normal, g.reduce] == want, seed
+
+
+@pytest.mark.parametrize("size", [8, 9, 13, 30, 64])
+def test_supernet_and_derived_cell_run_at_any_image_size(size):
+    torch.manual_seed(0)
+    model = daas.Network(4, 10, 3)
+    x, y = torch.randn(2, 3, size, size), torch.tensor([1, 2])
+    logits = model(x)
+    assert logits.shape == (2, 10)
+    grads = torch.autograd.grad(F.cross_entropy(logits, y), model.arch_parameters() + model.beta_parameters())
+    assert all(g.abs().sum() > 0 for g in grads)  # L_C alone reaches alpha and beta of both cell types
+    with torch.no_grad():
+        assert daas.discrete_forward(model, x, model.genotype()).shape == (2, 10)
 
 
 def test_arch_grad_is_the_gradient_of_eq_5():
@@ -251,7 +337,7 @@ def test_discretization_gap_leaves_the_model_alone():
 
 # ------------------------------------------------------------------ runs
 def test_search_and_retrain_on_fake_writes_the_run_folder(run):
-    proc, run_dir = run("daas.py", *TINY, "--steps-per-epoch", "4", "--alpha-start-epoch", "2", "--bn-batches", "2")
+    proc, run_dir = run("daas.py", *TINY, "--steps-per-epoch", "4", "--warmup-epochs", "1", "--bn-batches", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ["args.json", "log.txt", "daas.py", "common.py", "search_history.jsonl", "alphas.jsonl",
                  "genotype.json", "checkpoint_search.pt", "alphas.png", "alpha_evolution.png", "search_curves.png",
@@ -262,7 +348,7 @@ def test_search_and_retrain_on_fake_writes_the_run_folder(run):
     assert results["method"] == "daas" and results["search"]["epochs"] == 2
     assert 0 <= results["search"]["disc_val_acc"] <= 100 and 0 <= results["retrain"]["test_acc"] <= 100
     hist = read_jsonl(run_dir / "search_history.jsonl")
-    assert [r["alpha_lr"] for r in hist] == [0.0, 3e-4]  # alpha frozen before --alpha-start-epoch 2
+    assert [r["alpha_lr"] for r in hist] == [0.0, 3e-4]  # alpha frozen in epoch 0 (--warmup-epochs 1)
     assert [r["lambda_c"] for r in hist] == [0.0, 0.1] and [r["lambda_alpha"] for r in hist] == [0.0, 0.0]
     for r in hist:
         assert r["gap"] == pytest.approx(r["val_acc"] - r["disc_val_acc"]) and "disc_val_acc_bn" in r
@@ -288,20 +374,22 @@ def test_search_and_retrain_on_fake_writes_the_run_folder(run):
     assert "test accuracy" in log
 
 
+@pytest.mark.slow  # about 42 s on 2 shared CPU cores
 def test_digits_search_then_retrain_learns(run):
     """Real data: a broken search or retraining pipeline cannot clear 90 % (chance is 10 %)."""
     proc, run_dir = run("daas.py", "--dataset", "digits", "--device", "cpu", "--workers", "0", "--epochs", "2",
                         "--batch-size", "64", "--init-channels", "8", "--layers", "3", "--retrain-epochs", "5",
                         "--retrain-init-channels", "16", "--retrain-layers", "5", "--retrain-batch-size", "64",
-                        "--alpha-start-epoch", "1", "--bn-batches", "4")
+                        "--warmup-epochs", "0", "--bn-batches", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["search"]["val_acc"] > 50, results["search"]  # 80.7 measured
     assert results["retrain"]["test_acc"] > 90, results["retrain"]  # 97.8 measured
 
 
+@pytest.mark.slow  # about 30 s on 2 shared CPU cores
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
-    flags = [*TINY, "--epochs", "2", "--steps-per-epoch", "3", "--retrain-epochs", "2", "--alpha-start-epoch", "2",
+    flags = [*TINY, "--epochs", "2", "--steps-per-epoch", "3", "--retrain-epochs", "2", "--warmup-epochs", "1",
              "--bn-batches", "2"]
     ref = run_script("daas.py", *flags, "--out-dir", tmp_path, "--run-name", "ref")
     assert ref.returncode == 0, ref.stderr[-2000:]
@@ -310,10 +398,49 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.parametrize("flags,needle", [
-    (["--alpha-start-epoch", "3"], "--alpha-start-epoch 3 must be in 1..--epochs (2)"),
-    (["--alpha-start-epoch", "1", "--edge-sum-weight", "-1"], "--edge-sum-weight and --bn-batches must be >= 0"),
+    (["--warmup-epochs", "2"], "--warmup-epochs 2 leaves alpha no step in --epochs 2"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be >=0, got -1"),
+    (["--alpha-start-epoch", "1"], "unrecognized arguments: --alpha-start-epoch"),  # 1-based: no alias
+    (["--arch-lr", "0"], "--arch-lr must be >0, got 0.0"),
+    (["--arch-lr-alpha", "-1"], "--arch-lr must be >0, got -1.0"),  # the official script's name
+    (["--arch-lr-beta", "0"], "--arch-lr-beta must be >0"),
+    (["--arch-weight-decay", "-1"], "--arch-weight-decay must be >=0"),
+    (["--loss-weight", "-1"], "--loss-weight must be >=0"),
+    (["--lambda-beta", "-1"], "--lambda-beta must be >=0"),
+    (["--edge-sum-weight", "-0.5"], "--edge-sum-weight must be >=0"),
+    (["--bn-batches", "-1"], "--bn-batches must be >=0"),
+    (["--train-portion", "0"], "--train-portion must be (0, 1), got 0.0"),
+    (["--layers", "2"], "--layers must be >=3, got 2"),
+    (["--genotype", "DARTS_V2", "--no-retrain"], "nothing to do"),
 ])
-def test_bad_input_is_one_line_and_touches_nothing(tmp_path, flags, needle):
-    proc = run_script("daas.py", *TINY, "--out-dir", tmp_path / "runs", *flags)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and needle in proc.stderr, proc.stderr
-    assert proc.stderr.count("\n") == 1 and not (tmp_path / "runs").exists()
+def test_own_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, flags, needle):
+    """daas.py's own flags and cross-flag checks, in-process through common.cli like test_bad_input.py."""
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(daas.main, daas.Args, [*map(str, TINY), "--out-dir", str(tmp_path / "runs"), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_warmup_check_does_not_apply_to_a_given_genotype(tmp_path):
+    """--genotype skips the search, so the default 7 warm-up epochs cannot make a 2-epoch run fail."""
+    args = common.parse_args(daas.Args, [*map(str, TINY), "--genotype", "DARTS_V2", "--steps-per-epoch", "1",
+                                         "--out-dir", str(tmp_path), "--run-name", "g"])
+    results = daas.main(args)
+    assert "search" not in results and results["genotype"] == common.genotype_to_dict(common.GENOTYPES["DARTS_V2"])
+    assert 0 <= results["retrain"]["test_acc"] <= 100 and "best_test_acc" not in results["retrain"]
+
+
+def test_old_run_folders_with_arch_lr_alpha_resume(tmp_path):
+    """args.json of runs made before --arch-lr-alpha became --arch-lr still gives the run its own lr."""
+    import dataclasses
+    import shutil
+
+    saved = dataclasses.asdict(daas.Args(epochs=3, warmup_epochs=0))
+    saved["arch_lr_alpha"] = saved.pop("arch_lr") * 10
+    (tmp_path / "args.json").write_text(json.dumps(saved))
+    shutil.copy(daas.__file__, tmp_path / "daas.py")
+    args = common.parse_args(daas.Args, ["--resume", str(tmp_path), "--device", "cpu"])
+    resumed = common.resume_args(args, daas.__file__)
+    assert resumed.arch_lr == pytest.approx(3e-3) and resumed.epochs == 3 and resumed.warmup_epochs == 0

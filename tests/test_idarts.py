@@ -1,7 +1,6 @@
 """idarts.py: the Neumann hypergradient against closed forms and dense matrices, and runs as a user
 runs them (fake data, digits, SIGKILL + --resume, bad input)."""
 import json
-import sys
 import time
 
 import numpy as np
@@ -213,6 +212,18 @@ def test_cost_of_the_hypergradient_relative_to_darts_first_order():
     assert 3 < hyper / first < 60
 
 
+@pytest.mark.parametrize("size", [8, 9, 13, 30, 64])
+def test_supernet_and_hypergradient_run_at_any_image_size(size):
+    torch.manual_seed(0)
+    model = idarts.Network(2, 10, 3)
+    x, y = torch.randn(2, 3, size, size), torch.tensor([1, 2])
+    assert model(x).shape == (2, 10)
+    grads, _, implicit = idarts.neumann_hypergradient(
+        lambda: F.cross_entropy(model(x), y), lambda: F.cross_entropy(model(x), y),
+        model.weight_parameters(), model.arch_parameters(), 0.025, 1)
+    assert all(g.abs().sum() > 0 for g in grads) and flat(implicit).norm() > 0  # both cell types, both terms
+
+
 def test_derive_genotype_on_hand_made_alpha():
     """Top-2 edges per node by strongest non-'none' op, 'none' ignored even when it is largest."""
     idx = {p: i for i, p in enumerate(PRIMITIVES)}
@@ -267,6 +278,7 @@ def test_search_and_retrain_on_fake_writes_the_run_folder(run):
     assert "search epoch 1 step 2/2" in log and "s hypergradient" in log and "test accuracy" in log
 
 
+@pytest.mark.slow  # about 24 s on 2 shared CPU cores
 def test_digits_search_then_retrain_learns(run):
     """Real data: a broken search or retraining pipeline cannot clear 90 % (chance is 10 %)."""
     # --train-portion 0.9: 3 alpha steps (130 val images), each after T = 5 weight steps (defaults T, K, gamma)
@@ -284,6 +296,7 @@ def test_digits_search_then_retrain_learns(run):
 VOLATILE = {"seconds", "seconds_per_step", "seconds_per_hypergradient"}
 
 
+@pytest.mark.slow  # about 21 s on 2 shared CPU cores
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     flags = [*SMALL, "--steps-per-epoch", "1", "--neumann-k", "1", "--epochs", "2", "--retrain-epochs", "2"]
     ref = run_script("idarts.py", *flags, "--out-dir", tmp_path, "--run-name", "ref")
@@ -293,14 +306,22 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.parametrize("flags,needle", [
-    (["--inner-steps", "0"], "--inner-steps (T) must be >= 1"),
-    (["--neumann-k", "-1"], "--neumann-k (K) must be >= 0"),
+    (["--inner-steps", "0"], "--inner-steps must be >=1, got 0"),
+    (["--neumann-k", "-1"], "--neumann-k must be >=0, got -1"),
+    (["--neumann-gamma", "-0.1"], "--neumann-gamma must be >=0"),
+    (["--arch-lr", "0"], "--arch-lr must be >0, got 0.0"),
+    (["--arch-learning-rate", "-1"], "--arch-lr must be >0, got -1.0"),  # the official scripts' name
+    (["--arch-weight-decay", "-1"], "--arch-weight-decay must be >=0"),
+    (["--train-portion", "1"], "--train-portion must be (0, 1), got 1.0"),
+    (["--lr-min", "-1"], "--lr-min must be >=0"),
+    (["--layers", "2"], "--layers must be >=3, got 2"),
+    (["--genotype", "DARTS_V2", "--no-retrain"], "nothing to do"),
 ])
-def test_bad_input_is_one_line_and_touches_nothing(tmp_path, monkeypatch, capsys, flags, needle):
-    """In-process through common.cli, the entry point `python idarts.py` runs (no torch import to wait for)."""
-    monkeypatch.setattr(sys, "argv", ["idarts.py", *map(str, SMALL), "--out-dir", str(tmp_path / "runs"), *flags])
+def test_own_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, flags, needle):
+    """idarts.py's own flags, in-process through common.cli like test_bad_input.py."""
     with pytest.raises(SystemExit) as exit_info:
-        common.cli(idarts.main, idarts.Args)
+        common.cli(idarts.main, idarts.Args, [*map(str, SMALL), "--out-dir", str(tmp_path / "runs"), *flags])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert needle in err and "Traceback" not in err, err
     assert not (tmp_path / "runs").exists()
