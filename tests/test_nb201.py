@@ -179,8 +179,8 @@ def test_arch_string_round_trip_over_the_whole_space():
 
 
 def test_edges_within_a_node_may_come_in_any_order():
-    shuffled = "  |skip_connect~2|nor_conv_3x3~1|skip_connect~0|  ".strip()
-    arch = "|nor_conv_3x3~0|+|avg_pool_3x3~1|nor_conv_3x3~0|+" + shuffled
+    """...and surrounding whitespace is ignored; the result is the canonical string."""
+    arch = "  |nor_conv_3x3~0|+|avg_pool_3x3~1|nor_conv_3x3~0|+|skip_connect~2|nor_conv_3x3~1|skip_connect~0|\n"
     assert common.nb201_arch_str(common.parse_nb201_arch(arch)) == README_ARCH
 
 
