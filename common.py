@@ -1116,6 +1116,342 @@ def run(args, script, method, device, genotype, search, build=None):
 
 
 # =====================================================================================
+# NAS-Bench-201 search space (Dong & Yang, ICLR 2020, arXiv:2001.00326)
+# =====================================================================================
+# Mirrors D-X-Y/AutoDL-Projects @ f46486e, the code the benchmark was built with:
+#   xautodl/models/cell_operations.py        ops, ResNetBasicblock
+#   xautodl/models/cell_infers/cells.py      InferCell  -> NB201Cell
+#   xautodl/models/cell_infers/tiny_network.py TinyNetwork -> NB201Network (the evaluation network)
+#   xautodl/models/cell_searchs/search_model_darts.py, search_cells.py: the search supernet (built by
+#     each method file from the pieces below; see NB201_OPS, nb201_layout)
+#   xautodl/models/cell_searchs/genotypes.py Structure: the arch string, gen_all
+#   exps/NAS-Bench-201/main.py generate_meta_info: the order of the 15625 archs (the benchmark index)
+# A cell is a DAG on 4 nodes: node 0 is the cell input, node i = sum_{j<i} op_(i,j)(node j), and node 3
+# is the cell output. Its 6 edges, in the order of the benchmark's arch string
+# |op~0|+|op~0|op~1|+|op~0|op~1|op~2| (also the rows of the official arch_parameters, whose edge keys
+# "1<-0" .. "3<-2" are sorted, search_cells.py line 45):
+NB201_EDGES = [(1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (3, 2)]  # (to_node, from_node)
+NB201_NODES = 4
+NB201_PRIMITIVES = ["none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3"]  # NAS_BENCH_201
+NB201_NUM_ARCHS = len(NB201_PRIMITIVES) ** len(NB201_EDGES)  # 15625
+
+
+class NB201ReLUConvBN(nn.Sequential):
+    """ReLU -> Conv k x k (stride, padding k//2) -> BN (cell_operations.py ReLUConvBN). The conv has a
+    bias exactly when the BN has no affine (official `bias=not affine`, since AutoDL-Projects 9db2839,
+    Sep 2020): evaluation networks (affine=True) have none, search supernets (affine=False) have one."""
+
+    def __init__(self, C_in, C_out, kernel, stride, affine=True, track_running_stats=True):
+        super().__init__(nn.ReLU(inplace=False),
+                         nn.Conv2d(C_in, C_out, kernel, stride, padding=kernel // 2, bias=not affine),
+                         nn.BatchNorm2d(C_out, affine=affine, track_running_stats=track_running_stats))
+
+
+def _nb201_none(C_in, C_out, stride, affine, track_running_stats):
+    """Zero (cell_operations.py Zero). Its channel-changing branch is never built: NB-201 cells keep C."""
+    if C_in != C_out:
+        raise ValueError(f"none: NB-201 cells keep their channels (got C_in={C_in}, C_out={C_out})")
+    return Zero(stride)
+
+
+def _nb201_skip(C_in, C_out, stride, affine, track_running_stats):
+    """Identity. The official FactorizedReduce branch for a shape change is never built: NB-201 cells
+    keep (C, H, W); the stride and channel changes live in NB201ResNetBlock."""
+    if stride != 1 or C_in != C_out:
+        raise ValueError(f"skip_connect: NB-201 cells keep their shape (got C_in={C_in}, C_out={C_out}, "
+                         f"stride={stride})")
+    return nn.Identity()
+
+
+def _nb201_pool(C_in, C_out, stride, affine, track_running_stats):
+    """cell_operations.py POOLING: a 1x1 ReLU-Conv-BN first only when the channels change."""
+    pool = nn.AvgPool2d(3, stride, padding=1, count_include_pad=False)
+    if C_in == C_out:
+        return pool
+    return nn.Sequential(NB201ReLUConvBN(C_in, C_out, 1, 1, affine, track_running_stats), pool)
+
+
+NB201_OPS = {  # name -> constructor(C_in, C_out, stride, affine, track_running_stats); cell_operations.py OPS
+    "none": _nb201_none,
+    "skip_connect": _nb201_skip,
+    "nor_conv_1x1": lambda C_in, C_out, stride, affine, trs: NB201ReLUConvBN(C_in, C_out, 1, stride, affine, trs),
+    "nor_conv_3x3": lambda C_in, C_out, stride, affine, trs: NB201ReLUConvBN(C_in, C_out, 3, stride, affine, trs),
+    "avg_pool_3x3": _nb201_pool,
+}
+
+
+class NB201ResNetBlock(nn.Module):
+    """The residual block between stages (cell_operations.py ResNetBasicblock): ReLU-Conv3x3(stride)-BN ->
+    ReLU-Conv3x3-BN, plus a shortcut: AvgPool 2x2 (stride 2) -> Conv 1x1 when stride 2, else a 1x1
+    ReLU-Conv-BN when the channels change, else the identity. Search supernets build it with the defaults
+    too (affine BN with running stats, search_model_darts.py line 35)."""
+
+    def __init__(self, C_in, C_out, stride=2, affine=True, track_running_stats=True):
+        super().__init__()
+        self.conv_a = NB201ReLUConvBN(C_in, C_out, 3, stride, affine, track_running_stats)
+        self.conv_b = NB201ReLUConvBN(C_out, C_out, 3, 1, affine, track_running_stats)
+        if stride == 2:
+            self.downsample = nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(C_in, C_out, 1, bias=False))
+        elif C_in != C_out:
+            self.downsample = NB201ReLUConvBN(C_in, C_out, 1, 1, affine, track_running_stats)
+        else:
+            self.downsample = nn.Identity()
+
+    def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, H/stride, W/stride)
+        return self.downsample(x) + self.conv_b(self.conv_a(x))
+
+
+def nb201_layout(C=16, N=5):
+    """The macro skeleton of the evaluation network and of every search supernet (tiny_network.py
+    TinyNetwork lines 20-21, search_model_darts.py TinyNetworkDarts lines 26-27): a list of
+    (kind, C_in, C_out), kind "cell" (a cell at constant shape) or "resblock" (NB201ResNetBlock, stride 2):
+    N cells at C, resblock C -> 2C, N cells at 2C, resblock 2C -> 4C, N cells at 4C (3N + 2 entries)."""
+    layout = []
+    for stage in range(3):
+        C_stage = C * 2 ** stage
+        if stage:
+            layout.append(("resblock", C_stage // 2, C_stage))
+        layout += [("cell", C_stage, C_stage)] * N
+    return layout
+
+
+def nb201_stem(C):
+    """Conv 3x3 (3 -> C, no bias) -> BN; no ReLU (every cell op starts with one)."""
+    return nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
+
+
+def nb201_lastact(C):
+    """BN -> ReLU before the global pool (the official `lastact`)."""
+    return nn.Sequential(nn.BatchNorm2d(C), nn.ReLU(inplace=True))
+
+
+class NB201Cell(nn.Module):
+    """A discrete cell read off an arch (cells.py InferCell): node i = sum_{j<i} op_(i,j)(node j), the
+    output is node 3. Edges leaving node 0 take (C_in, stride), the others (C_out, 1). 'none' edges are
+    built (as Zero) and summed, as in the official cell."""
+
+    def __init__(self, edge_ops, C_in, C_out, stride=1, affine=True, track_running_stats=True):
+        super().__init__()
+        self.edges = nn.ModuleList(
+            NB201_OPS[op](C_in if j == 0 else C_out, C_out, stride if j == 0 else 1, affine, track_running_stats)
+            for op, (_, j) in zip(edge_ops, NB201_EDGES))
+
+    def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, H/stride, W/stride)
+        nodes = [x]
+        for i in range(1, NB201_NODES):
+            nodes.append(sum(op(nodes[j]) for op, (to, j) in zip(self.edges, NB201_EDGES) if to == i))
+        return nodes[-1]
+
+
+class NB201Network(nn.Module):
+    """The benchmark's evaluation network (tiny_network.py TinyNetwork, built by the API's
+    get_net_config -> get_cell_based_tiny_net 'infer.tiny'): stem, nb201_layout(C, N) with one arch in
+    every cell, BN-ReLU, global pool, linear. `arch` is an arch string or a list of 6 op names in
+    NB201_EDGES order. forward returns (logits, None), the (logits, aux_logits) pair `retrain` expects."""
+
+    def __init__(self, arch, num_classes, C=16, N=5):
+        super().__init__()
+        edge_ops = parse_nb201_arch(arch) if isinstance(arch, str) else list(arch)
+        self.arch = nb201_arch_str(edge_ops)  # validates a list too
+        self.stem = nb201_stem(C)
+        self.cells = nn.ModuleList(NB201Cell(edge_ops, c_in, c_out) if kind == "cell" else NB201ResNetBlock(c_in, c_out)
+                                   for kind, c_in, c_out in nb201_layout(C, N))
+        self.lastact = nb201_lastact(4 * C)
+        self.classifier = nn.Linear(4 * C, num_classes)
+
+    def forward(self, x):  # x: (B, 3, H, W)
+        h = self.stem(x)  # (B, C, H, W)
+        for cell in self.cells:
+            h = cell(h)  # (B, 4C, H/4, W/4) after the two resblocks
+        h = F.adaptive_avg_pool2d(self.lastact(h), 1).flatten(1)  # (B, 4C)
+        return self.classifier(h), None
+
+
+def nb201_arch_str(edge_ops):
+    """['nor_conv_3x3', 'none', 'avg_pool_3x3', ...] (NB201_EDGES order) -> the benchmark's string
+    '|nor_conv_3x3~0|+|none~0|avg_pool_3x3~1|+|...~0|...~1|...~2|' (genotypes.py Structure.tostr)."""
+    edge_ops = list(edge_ops)
+    if len(edge_ops) != len(NB201_EDGES):
+        raise UsageError(f"an NB-201 cell has {len(NB201_EDGES)} edges, got {len(edge_ops)} ops: {edge_ops}")
+    for op in edge_ops:
+        if op not in NB201_PRIMITIVES:
+            raise UsageError(f"unknown NB-201 op {op!r}{_did_you_mean(op, NB201_PRIMITIVES)}; "
+                             f"choose from {', '.join(NB201_PRIMITIVES)}")
+    nodes = [[f"{op}~{j}" for op, (to, j) in zip(edge_ops, NB201_EDGES) if to == i] for i in range(1, NB201_NODES)]
+    return "+".join("|" + "|".join(node) + "|" for node in nodes)
+
+
+def _did_you_mean(word, choices):
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_nb201_arch(text):
+    """The inverse of nb201_arch_str: an arch string -> 6 op names in NB201_EDGES order. Within a node
+    the edges may come in any order (as genotypes.py str2structure allows); every source node must
+    appear exactly once. Raises UsageError with one line on anything else."""
+    if not isinstance(text, str):
+        raise UsageError(f"an NB-201 arch must be a string like {nb201_arch_str(['nor_conv_3x3'] * 6)!r}")
+    text = text.strip()
+    nodes = text.split("+")
+    if len(nodes) != NB201_NODES - 1:
+        raise UsageError(f"NB-201 arch {text!r}: expected {NB201_NODES - 1} nodes separated by '+', got {len(nodes)}")
+    ops = {}
+    for i, node in enumerate(nodes, start=1):
+        if not (node.startswith("|") and node.endswith("|") and len(node) > 1):
+            raise UsageError(f"NB-201 arch {text!r}: node {i} {node!r} must look like '|op~0|...|'")
+        for item in node[1:-1].split("|"):
+            op, sep, src = item.partition("~")
+            if not sep or not src.isdigit():
+                raise UsageError(f"NB-201 arch {text!r}: node {i} has {item!r}, expected 'op~j'")
+            j = int(src)
+            if j >= i:
+                raise UsageError(f"NB-201 arch {text!r}: node {i} cannot read node {j} (only nodes 0..{i - 1})")
+            if (i, j) in ops:
+                raise UsageError(f"NB-201 arch {text!r}: node {i} reads node {j} twice")
+            if op not in NB201_PRIMITIVES:
+                raise UsageError(f"NB-201 arch {text!r}: unknown op {op!r}{_did_you_mean(op, NB201_PRIMITIVES)}; "
+                                 f"choose from {', '.join(NB201_PRIMITIVES)}")
+            ops[(i, j)] = op
+        missing = [j for j in range(i) if (i, j) not in ops]
+        if missing:
+            raise UsageError(f"NB-201 arch {text!r}: node {i} has no edge from node(s) {missing}")
+    return [ops[edge] for edge in NB201_EDGES]
+
+
+def nb201_derive(weights):
+    """The derived cell: argmax op per edge over a (6, n_ops) matrix of architecture weights, 'none'
+    allowed (search_model_darts.py genotype(), lines 94-105; the same rule in search_model_gdas.py)."""
+    weights = torch.as_tensor(weights)
+    if weights.shape != (len(NB201_EDGES), len(NB201_PRIMITIVES)):
+        raise ValueError(f"expected ({len(NB201_EDGES)}, {len(NB201_PRIMITIVES)}) weights, got {tuple(weights.shape)}")
+    return nb201_arch_str(NB201_PRIMITIVES[k] for k in weights.argmax(dim=-1).tolist())
+
+
+_NB201_INDEX = {}  # arch string -> benchmark index, filled on first use
+
+
+def nb201_all_archs():
+    """The benchmark's list of its 15625 arch strings: list position = NB-201 index (what the API's
+    query_index_by_arch returns). Not read from the benchmark file: recomputed as the official code
+    built it (exps/NAS-Bench-201/main.py generate_meta_info, lines 462-487): Structure.gen_all
+    enumerates the ops of edges 1<-0, 2<-0, 2<-1, 3<-0, 3<-1, 3<-2 with the first edge slowest
+    (= itertools.product over NB201_PRIMITIVES), then random.seed(88); random.shuffle(archs). The file's
+    meta_archs is that list (exps/NAS-Bench-201/statistics.py, lines 393 and 526); main.py asserts
+    archs[0], [9] and [123], and so does tests/test_nb201.py."""
+    import itertools  # local: keeps this section's imports inside it
+
+    archs = [nb201_arch_str(ops) for ops in itertools.product(NB201_PRIMITIVES, repeat=len(NB201_EDGES))]
+    random.Random(88).shuffle(archs)  # = random.seed(88); random.shuffle(archs), without touching the global RNG
+    return archs
+
+
+def nb201_index(arch):
+    """NB-201 index (0..15624) of an arch string or a list of 6 op names."""
+    if not _NB201_INDEX:
+        _NB201_INDEX.update((a, i) for i, a in enumerate(nb201_all_archs()))
+    ops = parse_nb201_arch(arch) if isinstance(arch, str) else list(arch)
+    return _NB201_INDEX[nb201_arch_str(ops)]
+
+
+def nb201_record(arch):
+    """What genotype.json holds for an NB-201 cell: the canonical arch string and its benchmark index."""
+    arch = nb201_arch_str(parse_nb201_arch(arch) if isinstance(arch, str) else arch)
+    return {"space": "nb201", "arch": arch, "nb201_index": nb201_index(arch)}
+
+
+# The benchmark's 200-epoch training (configs/nas-benchmark/hyper-opts/200E.config, lines 2-12, the
+# same values as CIFAR.config and ImageNet-16.config; exps/NAS-Bench-201/functions.py procedure()
+# steps without gradient clipping): no auxiliary head, no drop-path, no cutout; crop + flip only.
+NB201_RETRAIN = {"epochs": 200, "batch_size": 256, "lr": 0.1, "lr_min": 0.0, "momentum": 0.9,
+                 "nesterov": True, "weight_decay": 5e-4, "grad_clip": None}
+
+
+def nb201_optimizer(parameters, epochs=NB201_RETRAIN["epochs"], lr=NB201_RETRAIN["lr"],
+                    weight_decay=NB201_RETRAIN["weight_decay"]):
+    """SGD(momentum 0.9, Nesterov, weight decay on every parameter) and a per-epoch cosine from lr to 0:
+    lr_e = lr * (1 + cos(pi * e / epochs)) / 2 at epoch e (xautodl/procedures/optimizers.py
+    CosineAnnealingLR with warmup 0 = torch's CosineAnnealingLR stepped once per epoch)."""
+    optimizer = torch.optim.SGD(parameters, lr, momentum=NB201_RETRAIN["momentum"], weight_decay=weight_decay,
+                                nesterov=NB201_RETRAIN["nesterov"])
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=NB201_RETRAIN["lr_min"])
+
+
+_NB201_APIS = {}  # benchmark path -> API object: the file is gigabytes, load it once per process
+
+
+def nb201_api(path):
+    """The official benchmark API over `path`, imported and loaded on first use only:
+      *.pth, e.g. NAS-Bench-201-v1_1-096897.pth  -> nas_201_api.NASBench201API   (pip nas-bench-201==2.1)
+      *.pickle.pbz2, e.g. NATS-tss-v1_0-3ffb9    -> nats_bench.create(path, "tss") (pip nats_bench==1.8)
+      a directory, e.g. NATS-tss-v1_0-3ffb9-simple -> the same, fast_mode=True (one file per arch)
+    NATS-Bench's topology space ("tss") is the NB-201 space. Raises UsageError for a missing file or
+    package, so a method can call this before it writes its run folder."""
+    path = Path(path).expanduser()
+    key = str(path.resolve())
+    if key in _NB201_APIS:
+        return _NB201_APIS[key]
+    if not path.exists():
+        raise UsageError(f"--nb201-benchmark {path}: no such file or directory")
+    nats = path.is_dir() or path.name.endswith(".pickle.pbz2")
+    package = "nats_bench==1.8" if nats else "nas-bench-201==2.1"
+    try:
+        if nats:
+            import nats_bench
+        else:
+            import nas_201_api
+    except ImportError:
+        raise UsageError(f"--nb201-benchmark {path.name} needs the official API: pip install {package}") from None
+    if nats:
+        api = nats_bench.create(str(path), "tss", fast_mode=path.is_dir(), verbose=False)
+    else:
+        # the .pth is a pickle of the API's own dicts with numpy scalars in them (the parameter counts),
+        # which torch >= 2.6's default torch.load(weights_only=True) refuses; the user vouches for the file
+        import warnings
+
+        old = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+        os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+        try:
+            with warnings.catch_warnings():  # torch's note that the variable forces weights_only=False
+                warnings.simplefilter("ignore", UserWarning)
+                api = nas_201_api.NASBench201API(str(path), verbose=False)
+        finally:
+            if old is None:
+                os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+            else:
+                os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = old
+    _NB201_APIS[key] = api
+    return api
+
+
+def nb201_lookup(path, arch):
+    """The benchmark's 200-epoch accuracies (%) of `arch`, averaged over its seeds (is_random=False), as
+    the benchmark's authors read them (exps/NATS-Bench/draw-correlations.py get_valid_test_acc, lines
+    27-49; the same numbers api.query_by_arch(arch, "200") logs every search epoch in
+    exps/NAS-Bench-201-algos/DARTS-V1.py, line 339):
+      cifar10_valid   trained on CIFAR-10 train (25K), on the 25K held-out half   ('cifar10-valid', x-valid)
+      cifar10_test    trained on all 50K, on the CIFAR-10 test set                ('cifar10', ori-test)
+      cifar100_*, imagenet16_120_*  on the benchmark's valid / test halves of the test set (x-valid, x-test)"""
+    arch = nb201_arch_str(parse_nb201_arch(arch) if isinstance(arch, str) else arch)
+    api = nb201_api(path)
+    index = api.query_index_by_arch(arch)
+    if index < 0:
+        raise UsageError(f"{arch} is not in the benchmark file {path}")
+    out = {}
+    for key, dataset, metric in [("cifar10_valid", "cifar10-valid", "valid-accuracy"),
+                                 ("cifar10_test", "cifar10", "test-accuracy"),
+                                 ("cifar100_valid", "cifar100", "valid-accuracy"),
+                                 ("cifar100_test", "cifar100", "test-accuracy"),
+                                 ("imagenet16_120_valid", "ImageNet16-120", "valid-accuracy"),
+                                 ("imagenet16_120_test", "ImageNet16-120", "test-accuracy")]:
+        try:
+            out[key] = float(api.get_more_info(index, dataset, hp="200", is_random=False)[metric])
+        except (KeyError, ValueError, AssertionError) as e:  # what the two APIs raise for a missing entry
+            raise UsageError(f"{arch} (index {index}) has no 200-epoch {dataset} {metric} in {path} ({e!r})") from None
+    return out
+
+
+# =====================================================================================
 # Diagnostics
 # =====================================================================================
 def dominant_eigenvalue(loss, params, iters=20, tol=1e-4, seed=0):
