@@ -18,8 +18,8 @@ Reproduce the paper (search, derive the cell, retrain 600 epochs, test on CIFAR-
     python gdas.py --frc --no-retrain     # GDAS (FRC): normal cell searched, fixed reduction cell
     python gdas.py --layers 6             # the AutoDL re-implementation's 6-cell supernet (N=2)
 
-Equations implemented. The paper's text could not be read while writing this file, so these numbers
-are ours (in the order of the paper's Sec. 3); notebooks/gdas.ipynb uses the same ones:
+Equations implemented. The paper's text (arXiv 1910.04465) could not be read here beyond its introduction, so
+these numbers are ours (in the order of the paper's Sec. 3); notebooks/gdas.ipynb uses the same ones:
     Eq. (1)  x_j = sum_{i<j} h_{i,j}^{k*} O^{k*}(x_i), one sampled op per edge  -> SearchCell.forward
     Eq. (2)  p_{i,j} = softmax(A_{i,j})                                   -> gumbel_max_sample
     Eq. (3)  k* = argmax_k (log p^k + o^k), o^k = -log(-log u), u ~ U(0, 1) (Gumbel-max) -> gumbel_max_sample
@@ -28,43 +28,61 @@ are ours (in the order of the paper's Sec. 3); notebooks/gdas.ipynb uses the sam
                                                                            -> gumbel_max_sample
     Eq. (6)  edge output h^{k*} * O^{k*}(x): only the sampled op is run  -> MixedOp.forward
     Eq. (7)  first-order alternation: w <- SGD(grad_w L_train(w, h)), A <- Adam(grad_A L_val(w, h'))
-             with fresh samples h, h' for each step                         -> search_epoch
+             with fresh samples h, h' for each step                         -> search_step
     Eq. (8)  tau_e = tau_max - (tau_max - tau_min) * e / (E - 1), linear per epoch, 10 -> 0.1 -> temperature
     derived cell: top-2 incoming edges by strongest non-zero op (DARTS rule)  -> derive_genotype
 
-Deviations from the paper (each is what the official code does, unless marked "ours"):
-    1. A is initialised as 1e-3 * N(0, 1).
-    2. The search hyper-parameters are those of the official NASNet-space re-implementation (250 epochs,
-       batch 256, SGD Nesterov lr 0.025 cosine to 0.001, weight decay 5e-4, Adam 3e-4 / 1e-3 on A,
-       tau 10 -> 0.1), the only code-verified values; the paper's own epoch count and batch size could
-       not be checked here. Its early research scripts (13e908f) used batch 128, wd 3e-4, tau 10 -> 4.
-    3. ours: the supernet is DARTS's: 8 cells with reductions at 1/3 and 2/3, global pooling straight
-       after the last cell. The official re-implementation builds N+1+(N-1)+1+(N-1) = 6 cells for N=2
-       (the same layout as --layers 6 here) and puts BN+ReLU before the pooling. The maintainer says
-       the paper counts cells as DARTS does (AutoDL-Projects issue #60).
-    4. The op set is DARTS's operations.py (common.OPS) with BN after the pools as in DARTS's MixedOp;
-       the official NASNet space has the same eight ops, with pools without BN.
-    5. ours: the sampled op indices go to the host once per forward (one .tolist() per cell type); the
-       official code calls .item() on every edge (14 * layers device syncs per forward). Same math.
-    6. ours: the grad-norm clip (5) covers the weights only; the official code clips all parameters,
-       including the gradient the weight step leaves on A (cleared before the architecture step).
-    7. ours: the search lr follows the cosine per epoch (as darts.py); the official scheduler steps it
-       per iteration. The search split is the first / second half of the training set by index
-       (DARTS); the official one is a fixed random 25K / 25K file. Both halves are augmented (official).
+Deviations from the paper (each is what the official code does, unless marked "ours"; files of AutoDL-Projects
+@ f46486e unless another commit is named):
+    1. A is initialised as 1e-3 * N(0, 1) (search_model_gdas_nasnet.py lines 80-85).
+    2. The search hyper-parameters are those of the official NASNet-space re-implementation
+       (configs/search-opts/GDAS-NASNet-CIFAR.config: 250 epochs, batch 256, SGD Nesterov lr 0.025 cosine to 0.001,
+       weight decay 5e-4; scripts-search/NASNet-space-search-by-GDAS.sh: Adam 3e-4 / 1e-3 on A, tau 10 -> 0.1), the
+       only code-verified values; the paper's own epoch count and batch size could not be checked here. The first
+       commit's search script scripts-cnn/DMS-V-Train.sh @ 13e908f used batch 128, lr 0.05, wd 3e-4, tau 10 -> 4.
+    3. ours: the supernet is DARTS's: 8 cells with reductions at 1/3 and 2/3, as the search scripts of the first
+       commit (13e908f, scripts-cnn/*.sh --layers 8), and global pooling straight after the last cell. The official
+       re-implementation builds N+1+(N-1)+1+(N-1) = 6 cells for N=2 (search_model_gdas_nasnet.py lines 35-40; the
+       layout of --layers 6 here) and puts BN+ReLU before the pooling (line 77); its maintainer says this 6-cell
+       layout is the paper's, which counts a stage's reduction cell among its N cells (AutoDL-Projects issue #60).
+    4. The op set is DARTS's operations.py (common.OPS) with BN after the pools as in DARTS's MixedOp. The official
+       NASNet space (cell_operations.py DARTS_SPACE, lines 96-105) has the same eight ops, its pools have no BN
+       (POOLING, lines 262-285), and its 1x1 convs carry a bias in the search (bias=not affine with affine=False,
+       lines 137, 173, 334, 340); each such bias feeds a BatchNorm directly, which removes it: the same function.
+    5. ours: the sampled op indices go to the host once per forward (one .tolist() per cell type); the official
+       code calls .item() on every edge (search_cells.py line 247: 14 * layers device syncs per forward). Same math.
+    6. ours: the grad-norm clip (5) covers the weights only; the official clip_grad_norm_(network.parameters(), 5)
+       (exps/NAS-Bench-201-algos/GDAS.py line 54) also counts what A's .grad holds then: the last architecture
+       gradient plus this weight step's (A's .grad is zeroed only before the architecture step, line 65).
+    7. ours: the search split is the first / second half of the training set by index (DARTS); the official one
+       is a fixed random 25K / 25K file (configs/nas-benchmark/cifar-split.txt). Both halves are augmented
+       (official). The search lr follows the cosine per epoch, as the official scheduler does: GDAS.py line 43
+       updates it every step, but its cosine reads only the epoch (xautodl/procedures/optimizers.py lines 81-96).
     8. val_loss / val_acc in search_history are those of the architecture steps (train-mode BN, a fresh
        sample per batch), as the official code logs them; darts.py instead evaluates its supernet in
        eval mode, whose BN running statistics would here mix many sampled architectures.
     9. Genotype: the DARTS rule (two distinct input edges per node, each with its best non-zero op), as
-       the 2019 release's lib/nas/model_search.py. The official re-implementation keeps the top-2 (op, input)
-       pairs of each node, which may read one input twice (--genotype-rule pairs). Every node of the
-       published GDAS_V1 / GDAS_F1 cells reads two distinct inputs, which that rule gives for both
-       cells of GDAS_V1 about one time in six from near-uniform alphas (notebook section 6).
-   10. --frc (fixed reduction cell, GDAS_Reduction_Cell) is search-only here: retraining it needs
-       common.NetworkCIFAR to build the fixed cell, which it does not yet. Its BNs are affine-free in
-       the search (as every search op) and its convs have no bias.
-   11. Retraining is common.retrain (DARTS protocol) = the 2019 release's train-cifar.sh and
-       nas-cifar-cos-cut.config (600 epochs, batch 96, lr 0.025 cosine, wd 3e-4, C=36, 20 cells,
-       auxiliary 0.4, drop path 0.2, cutout 16, clip 5) except the lr floor: 1e-4 there, 0 here.
+       the 2019 release's lib/nas/model_search.py (17b615e, lines 138-166). The official re-implementation keeps
+       the top-2 (op, input) pairs of each node (search_model_gdas_nasnet.py lines 128-143), which may read one input
+       twice (--genotype-rule pairs). Every node of the published GDAS_V1 / GDAS_F1 cells reads two distinct inputs,
+       which that rule gives for both cells of GDAS_V1 about one time in six from near-uniform alphas (notebook
+       section 6).
+   10. --frc (fixed reduction cell, cell_operations.py GDAS_Reduction_Cell, lines 433-549) is search-only here:
+       retraining it needs common.NetworkCIFAR to build the fixed cell, which it does not yet. As in the official
+       search, its BNs are affine-free and its convs carry a bias (bias=not affine); the 2019 release's
+       retraining copy (Transition, lib/nas/construct_utils.py line 99 @ 17b615e) has affine BNs and no bias.
+   11. Retraining is common.retrain (DARTS protocol) = the 2019 release's scripts-cnn/train-cifar.sh and
+       configs/nas-cifar-cos-cut.config (600 epochs, batch 96, lr 0.025 cosine, wd 3e-4, C=36, 20 cells,
+       auxiliary 0.4, drop path 0.2, cutout 16, clip 5) except the lr floor: LR_MIN 1e-4 there, 0 here.
+   12. The weight step zero-fills the gradients (GDAS.py line 50, w_optimizer.zero_grad(), which zero-fills on
+       the PyTorch 1.x the code was written for, docs/CVPR-2019-GDAS.md line 14; PyTorch 2.0 made set_to_none the
+       default). So an op that has run once keeps moving under weight decay and Nesterov momentum in the steps
+       where it is not sampled. An op run by an architecture step holds a .grad from then on too (official
+       arch_loss.backward(), line 68); ours computes only A's gradient there and gives those weights the zero
+       .grad they would hold. Which weights hold a .grad is checkpointed, so a resumed run equals an uninterrupted
+       one (an official resume starts without any). ours: --freeze-unsampled uses zero_grad(set_to_none=True):
+       an op not sampled in a step does not move at all in that step.
+   Plus the deviations shared by every method file, listed in common.py's docstring (C1-C5).
 
 Runs: --resume RUN_DIR continues a killed run; under torchrun only retraining is distributed
 (README.md, "Resume a killed run" and "Several GPUs").
@@ -88,24 +106,33 @@ from common import OPS, PRIMITIVES, Genotype, UsageError, arg
 class Args(common.BaseArgs):
     exp_name: str = arg("gdas", "name of the method; prefix of the run folder", "run")
     # Algorithm specific arguments (AutoDL-Projects NASNet-space GDAS: GDAS-NASNet-CIFAR.config + .sh)
-    epochs: int = arg(250, "search-opts/GDAS-NASNet-CIFAR.config epochs 250")
-    batch_size: int = arg(256, "search-opts/GDAS-NASNet-CIFAR.config batch_size 256 (train and val streams)")
-    lr: float = arg(0.025, "search-opts config LR 0.025 (weights, SGD)")
-    lr_min: float = arg(0.001, "search-opts config eta_min 0.001 (cosine floor)")
-    momentum: float = arg(0.9, "search-opts config momentum 0.9")
-    nesterov: bool = arg(True, "search-opts config nesterov 1")
-    weight_decay: float = arg(5e-4, "search-opts config decay 0.0005")
-    init_channels: int = arg(16, "search-archs/GDAS-NASNet-CIFAR.config C 16")
-    layers: int = arg(8, "cells in the supernet: DARTS's 8 (the AutoDL N=2 macro has 6: --layers 6)")
-    grad_clip: float = arg(5.0, "GDAS.py: clip_grad_norm_(..., 5) (weights only)")
-    train_portion: float = arg(0.5, "weights / alpha split of the training set (cifar-split.txt: 25K / 25K)")
-    arch_lr: float = arg(3e-4, "GDAS.py --arch_learning_rate 0.0003 (Adam, betas 0.5, 0.999)")
-    arch_weight_decay: float = arg(1e-3, "GDAS.py --arch_weight_decay 0.001")
-    tau_max: float = arg(10.0, "Eq. (8): NASNet-space-search-by-GDAS.sh --tau_max 10")
-    tau_min: float = arg(0.1, "Eq. (8): NASNet-space-search-by-GDAS.sh --tau_min 0.1")
+    epochs: int = arg(250, "search-opts/GDAS-NASNet-CIFAR.config epochs 250", check=">=1")
+    batch_size: int = arg(256, "search-opts/GDAS-NASNet-CIFAR.config batch_size 256 (train and val streams)",
+                          check=">=2")
+    lr: float = arg(0.025, "search-opts config LR 0.025 (weights, SGD)", check=">0")
+    lr_min: float = arg(0.001, "search-opts config eta_min 0.001 (cosine floor)", check=">=0")
+    momentum: float = arg(0.9, "search-opts config momentum 0.9", check="[0,1)")
+    nesterov: bool = arg(True, "search-opts config nesterov 1 (needs --momentum > 0)")
+    weight_decay: float = arg(5e-4, "search-opts config decay 0.0005", check=">=0")
+    init_channels: int = arg(16, "search-archs/GDAS-NASNet-CIFAR.config C 16", check=">=1")
+    layers: int = arg(8, "cells in the supernet: DARTS's 8 (the AutoDL N=2 macro has 6: --layers 6); at least 3, "
+                      "or there is no normal cell (reductions sit at layers//3 and 2*layers//3) and alphas_normal "
+                      "gets no gradient", check=">=3")
+    grad_clip: float = arg(5.0, "GDAS.py line 54: clip_grad_norm_(..., 5) (ours: weights only, Deviation 6); "
+                           "0 = no clipping", check=">=0")
+    train_portion: float = arg(0.5, "weights / alpha split of the training set (cifar-split.txt: 25K / 25K)",
+                               check="(0,1)")
+    arch_lr: float = arg(3e-4, "NASNet-space-search-by-GDAS.sh --arch_learning_rate 0.0003 (Adam, betas 0.5, 0.999)",
+                         check=">0", aliases=("--arch-learning-rate",))
+    arch_weight_decay: float = arg(1e-3, "NASNet-space-search-by-GDAS.sh --arch_weight_decay 0.001", check=">=0")
+    tau_max: float = arg(10.0, "Eq. (8): NASNet-space-search-by-GDAS.sh --tau_max 10", check=">0")
+    tau_min: float = arg(0.1, "Eq. (8): NASNet-space-search-by-GDAS.sh --tau_min 0.1 (at most --tau-max)", check=">0")
     frc: bool = arg(False, "GDAS (FRC): search the normal cell only, fixed reduction cell (search only here)")
     genotype_rule: str = arg("darts", "darts (two distinct inputs per node, 2019 release) | pairs (top-2 "
-                             "(op, input) pairs per node, AutoDL re-implementation)")
+                             "(op, input) pairs per node, AutoDL re-implementation)", check=("darts", "pairs"))
+    freeze_unsampled: bool = arg(False, "ours: zero_grad(set_to_none=True), so an op not sampled in a step does not "
+                                 "move; default: zero-filled gradients, as the official code under PyTorch 1.x, so "
+                                 "weight decay and momentum move it (Deviation 12)")
 
 
 # =====================================================================================
@@ -178,7 +205,8 @@ class SearchCell(nn.Module):
 class FixedReductionCell(nn.Module):
     """GDAS (FRC) hand-designed reduction cell (official GDAS_Reduction_Cell; 2019 release Transition):
     two ReLU-Conv(1x3, s(1,2), g8)-Conv(3x1, s(2,1), g8)-BN-ReLU-Conv1x1-BN branches, on c_{k-2} and
-    c_{k-1}, and two MaxPool3x3(s2)-BN branches on the same inputs; output: the 4 branches concatenated."""
+    c_{k-1}, and two MaxPool3x3(s2)-BN branches on the same inputs; output: the 4 branches concatenated.
+    The convs have a bias when the BNs are affine-free (official bias=not affine, Deviation 10)."""
 
     def __init__(self, C_prev_prev, C_prev, C, reduction_prev, affine=False):
         super().__init__()
@@ -188,10 +216,10 @@ class FixedReductionCell(nn.Module):
         self.preprocess0, self.preprocess1 = common.cell_preprocess(C_prev_prev, C_prev, C, reduction_prev, affine)
         self.convs = nn.ModuleList(nn.Sequential(
             nn.ReLU(inplace=False),
-            nn.Conv2d(C, C, (1, 3), stride=(1, 2), padding=(0, 1), groups=8, bias=False),
-            nn.Conv2d(C, C, (3, 1), stride=(2, 1), padding=(1, 0), groups=8, bias=False),
+            nn.Conv2d(C, C, (1, 3), stride=(1, 2), padding=(0, 1), groups=8, bias=not affine),  # official bias
+            nn.Conv2d(C, C, (3, 1), stride=(2, 1), padding=(1, 0), groups=8, bias=not affine),
             nn.BatchNorm2d(C, affine=affine), nn.ReLU(inplace=False),
-            nn.Conv2d(C, C, 1, bias=False), nn.BatchNorm2d(C, affine=affine)) for _ in range(2))
+            nn.Conv2d(C, C, 1, bias=not affine), nn.BatchNorm2d(C, affine=affine)) for _ in range(2))
         self.pools = nn.ModuleList(nn.Sequential(nn.MaxPool2d(3, stride=2, padding=1),
                                                  nn.BatchNorm2d(C, affine=affine)) for _ in range(2))
 
@@ -238,6 +266,7 @@ class Network(nn.Module):
         if self.alphas_reduce is not None:
             samples["reduce"] = gumbel_max_sample(self.alphas_reduce, self.tau)
         samples = {cell: (h, index.tolist()) for cell, (h, index) in samples.items()}
+        self.last_index = {cell: index for cell, (_, index) in samples.items()}  # for touch_sampled_weights
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             if isinstance(cell, FixedReductionCell):
@@ -256,6 +285,12 @@ class Network(nn.Module):
         """softmax(A) per searched cell type, as lists (what alphas.jsonl and the figures show)."""
         return {cell: F.softmax(a, -1).tolist() for cell, a in
                 (("normal", self.alphas_normal), ("reduce", self.alphas_reduce)) if a is not None}
+
+    def sampled_weights(self):
+        """The weights of the ops the last forward ran (the sampled op of every edge of every search cell)."""
+        return [p for cell in self.cells if isinstance(cell, SearchCell)
+                for edge, k in zip(cell.edges, self.last_index["reduce" if cell.reduction else "normal"])
+                for p in edge.ops[k].parameters()]
 
     def genotype(self, rule="darts"):
         w_normal = F.softmax(self.alphas_normal, -1)
@@ -310,11 +345,44 @@ def derive_genotype(w_normal, w_reduce, steps=4, multiplier=4, rule="darts"):
 # =====================================================================================
 # Search loop
 # =====================================================================================
+def touch_sampled_weights(model):
+    """Deviation 12: the official architecture step's arch_loss.backward() also leaves a .grad on the weights of
+    every op it ran, zero-filled by the next zero_grad(), so weight decay and momentum move them from then on.
+    arch_grad computes only A's gradient: give those weights the zero .grad they would hold."""
+    for p in model.sampled_weights():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def search_step(model, x, y, x_val, y_val, w_optimizer, a_optimizer, args):
+    """Eq. (7), one iteration in the official order: a weight step on the train batch, then an architecture
+    step on the val batch, each with its own freshly sampled architecture. Returns the train loss and logits
+    and the val loss and logits, detached."""
+    # ALGO LOGIC: Eq. (7) weight step: SGD on w, sampled architecture h, grad-norm clip 5. Deviation 12: the
+    # gradients are zero-filled (official), so an op that is not sampled now still moves by weight decay and
+    # Nesterov momentum; --freeze-unsampled sets them to None, and SGD then skips such an op
+    w_optimizer.zero_grad(set_to_none=args.freeze_unsampled)
+    with common.autocast(x.device, args.amp):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+    loss.backward()
+    common.clip_grad(model.weight_parameters(), args.grad_clip)
+    w_optimizer.step()
+    # ALGO LOGIC: Eq. (7) architecture step: Adam on A, a fresh sample h' on the val batch
+    with common.autocast(x.device, args.amp):
+        grads, val_loss, val_logits = arch_grad(model, x_val, y_val)
+    for a, g in zip(model.arch_parameters(), grads):
+        a.grad = g
+    a_optimizer.step()
+    if not args.freeze_unsampled:
+        touch_sampled_weights(model)
+    return loss.detach(), logits.detach(), val_loss, val_logits
+
+
 def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, args, log, epoch):
-    """One epoch of Eq. (7): per train batch, first a weight step on it, then an architecture step on
-    a val batch (official order), each with its own freshly sampled architecture. Returns the mean
-    train loss and accuracy, the val loss and accuracy of the architecture steps (what the official
-    code logs: train-mode BN, one sample per batch) and seconds per step."""
+    """One epoch of Eq. (7): a search_step per train batch. Returns the mean train loss and accuracy, the val
+    loss and accuracy of the architecture steps (what the official code logs: train-mode BN, one sample per
+    batch) and seconds per step."""
     model.train()
     steps = min(len(train_data), args.steps_per_epoch or len(train_data))
     loss_sum, acc_sum, val_loss_sum, val_acc_sum, n, t0 = 0.0, 0.0, 0.0, 0.0, 0, time.time()
@@ -323,20 +391,7 @@ def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, 
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         x_val, y_val = (t.to(device, non_blocking=True) for t in next(val_iter))
-        # ALGO LOGIC: Eq. (7) weight step: SGD on w, sampled architecture h, grad-norm clip 5
-        w_optimizer.zero_grad(set_to_none=True)
-        with common.autocast(device, args.amp):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.weight_parameters(), args.grad_clip)
-        w_optimizer.step()
-        # ALGO LOGIC: Eq. (7) architecture step: Adam on A, a fresh sample h' on the val batch
-        with common.autocast(device, args.amp):
-            grads, val_loss, val_logits = arch_grad(model, x_val, y_val)
-        for a, g in zip(model.arch_parameters(), grads):
-            a.grad = g
-        a_optimizer.step()
+        loss, logits, val_loss, val_logits = search_step(model, x, y, x_val, y_val, w_optimizer, a_optimizer, args)
         loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + common.accuracy(logits, y), n + 1
         val_loss_sum, val_acc_sum = val_loss_sum + val_loss.item(), val_acc_sum + common.accuracy(val_logits, y_val)
         if (step + 1) % args.report_freq == 0 or step + 1 == steps:
@@ -367,6 +422,11 @@ def search(args, device, run_dir, log):
     if args.resume:  # TRY NOT TO MODIFY: continue after the last finished epoch, bit for bit
         start = common.resume_from(run_dir / "checkpoint_search.pt", "gdas", generator, model=model,
                                    w_optimizer=w_optimizer, a_optimizer=a_optimizer, scheduler=scheduler)
+        if start and not args.freeze_unsampled:  # Deviation 12: the weights that held a (zero-filled) .grad
+            held = set(common.load_checkpoint(run_dir / "checkpoint_search.pt", "gdas").get("weights_with_grad", []))
+            for name, p in model.named_parameters():
+                if name in held:
+                    p.grad = torch.zeros_like(p)
         log.info("resuming the search at epoch %d", start)
     history = common.keep_jsonl(run_dir / "search_history.jsonl", start)
     alpha_history = [r["softmax"] for r in common.keep_jsonl(run_dir / "alphas.jsonl", start)]
@@ -400,7 +460,9 @@ def search(args, device, run_dir, log):
             **common.make_checkpoint("gdas", epoch, args, generator, model=model, w_optimizer=w_optimizer,
                                      a_optimizer=a_optimizer, scheduler=scheduler),
             "alphas": {cell: torch.tensor(a) for cell, a in alphas.items()}, "tau": model.tau,
-            "genotype": common.genotype_to_dict(genotype)})
+            "genotype": common.genotype_to_dict(genotype),
+            "weights_with_grad": [n for n, p in model.named_parameters() if p.grad is not None
+                                  and not n.startswith("alphas_")]})
     genotype = model.genotype(args.genotype_rule)  # also when a resumed run had nothing left to search
     common.plot_alphas(alpha_history[-1], run_dir / "alphas.png")
     common.plot_alpha_evolution(alpha_history, run_dir / "alpha_evolution.png")
@@ -418,50 +480,21 @@ def search(args, device, run_dir, log):
 # main: search -> derive -> retrain -> test
 # =====================================================================================
 def main(args):
-    device = common.get_device(args.device)
-    if args.resume:
-        args = common.resume_args(args, __file__)  # the run's own flags; checks folder and checkpoints
-    common.check_common_args(args, device)
-    if not 0 < args.train_portion < 1:
-        raise UsageError(f"--train-portion must be in (0, 1), got {args.train_portion}")
-    if not 0 < args.tau_min <= args.tau_max:
-        raise UsageError(f"Eq. (8) needs 0 < --tau-min <= --tau-max, got {args.tau_min} and {args.tau_max}")
-    if args.genotype_rule not in ("darts", "pairs"):
-        raise UsageError(f"--genotype-rule must be darts or pairs, got {args.genotype_rule!r}")
+    args, device = common.prepare(args, __file__)  # --resume's flags, the device, every flag's range
+    if args.tau_min > args.tau_max:
+        raise UsageError(f"Eq. (8) anneals tau from --tau-max down to --tau-min: --tau-min {args.tau_min} is above "
+                         f"--tau-max {args.tau_max}")
+    if args.nesterov and args.momentum == 0:
+        raise UsageError("--nesterov needs --momentum > 0 (Nesterov momentum is a form of momentum); "
+                         "add --no-nesterov or give a momentum")
     if args.frc and args.init_channels % 4:
-        raise UsageError(f"--frc: the fixed reduction cell needs --init-channels divisible by 4, got "
-                         f"{args.init_channels}")
+        raise UsageError(f"--frc: the fixed reduction cell's grouped convs (8 groups at 2C and 4C channels) need "
+                         f"--init-channels divisible by 4, got {args.init_channels}")
     if args.frc and (args.genotype or not args.no_retrain):
         raise UsageError("--frc searches the normal cell only and common.retrain cannot build the fixed "
                          "reduction cell yet: add --no-retrain (and no --genotype)")
     genotype = common.parse_genotype(args.genotype) if args.genotype else None  # fail before any work
-    if genotype is not None and args.no_retrain:
-        raise UsageError("--genotype skips the search and --no-retrain skips retraining: nothing to do")
-    rank, world, device = common.setup_distributed(device)
-    if world > 1 and genotype is None:
-        raise UsageError("under torchrun only retraining is distributed: search with one process, then "
-                         "pass --genotype runs/<run>/genotype.json")
-    run_dir, log = common.start_run(args, __file__)
-    common.seed_everything(args.seed, args.torch_deterministic)
-    results = {"method": "gdas", "dataset": args.dataset, "seed": args.seed}
-    if genotype is None:
-        genotype, results["search"] = search(args, device, run_dir, log)
-    else:
-        log.info("retraining the given genotype, no search: %s", genotype)
-    results["genotype"] = common.genotype_to_dict(genotype)
-    if rank == 0:
-        common.write_json(run_dir / "genotype.json", results["genotype"])
-        common.plot_genotype(genotype, run_dir / "genotype.png")
-    if not args.no_retrain:
-        results["retrain"] = common.retrain(genotype, args, device, run_dir, log, "gdas")
-    if rank != 0:
-        return None
-    if not args.no_retrain:
-        log.info("test accuracy %.2f %% (best %.2f %%), %.3f M params", results["retrain"]["test_acc"],
-                 results["retrain"]["best_test_acc"], results["retrain"]["params_M"])
-    common.write_json(run_dir / "results.json", results)
-    log.info("done: %s", run_dir / "results.json")
-    return results
+    return common.run(args, __file__, "gdas", device, genotype, search)
 
 
 if __name__ == "__main__":

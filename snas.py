@@ -6,6 +6,7 @@ train_search.py, model_search.py, operations.py, utils.py, genotypes.py, model_e
 
 Reproduce the paper (the README's single-GPU search command, then its retraining of the derived cell):
     python snas.py                                  # 150 epochs, 8 cells, resource constraint as in the README
+    python snas.py --seed 6                         # ... and its seed (our default 2 is train_search.py's)
     python snas.py --resource-lambda 0              # SNAS without the resource constraint
     python snas.py --genotype SNAS_mild_edge_all    # retrain a published cell only (also _moderate, _aggressive)
 
@@ -25,53 +26,69 @@ Equations implemented (numbers of arXiv v3 as reconstructed, see Deviation 1; th
     temperature: linear per epoch from 1 to 0.03 (official code)       -> temperature
     child network: the argmax op of EVERY edge, 'none' included ("edge_all")  -> derive_genotype, edge_all_to_cell
 
-Deviations from the paper (each is what the official code does, unless marked "ours"):
-    1. The paper body was not readable where this file was written (only its abstract and third-party
-       transcriptions of Eq. (4), Eq. (9) and the results table). Formulas were checked against the official
-       code; the equation numbers are our reconstruction of arXiv v3 and may be off by one.
+Deviations from the paper (each is what the official code does, unless marked "ours"; files of SNAS-Series/SNAS @
+9a43adb):
+    1. The paper body was not readable where this file was written (only its abstract, its introduction and
+       third-party transcriptions of Eq. (4), Eq. (9) and the results table). Formulas were checked against the
+       official code; the equation numbers are our reconstruction of arXiv v3 and may be off by one.
     2. The architecture parameters are log alpha (official normal_log_alpha), initialised N(1, 0.01)
-       (--loc_mean 1 --loc_std 0.01); the paper differentiates w.r.t. alpha, which adds a factor 1/alpha^k.
+       (--loc_mean 1 --loc_std 0.01, model_search.py lines 167-172); the paper differentiates w.r.t. alpha, which
+       adds a factor 1/alpha^k.
     3. Architecture optimiser: the README's single-GPU search uses plain SGD on log alpha, lr 3e-4, no momentum,
-       no weight decay (default here); --arch-optimizer adam gives the distributed launch's Adam(betas 0.5, 0.999,
-       weight decay 1e-3). The log-alpha gradient norm is clipped at 10, the weights' at 5.
-    4. Temperature: lambda_e = lambda_0 - (lambda_0 - lambda_min) (e + 1) / E for epoch e = 0..E-1 (the official
-       scheduler steps before each epoch, so epoch 0 already trains at (1 - 1/E) and the last at lambda_min).
-       The official code hard-codes E = 150 whatever --epochs is; ours: E = --epochs (equal at the default).
-    5. ours: the weight lr scheduler steps at the end of each epoch (as darts.py Deviation 4).
+       no weight decay (default here; train_search.py lines 268-271); --arch-optimizer adam gives the distributed
+       launch's Adam(betas 0.5, 0.999, weight decay 1e-3; lines 254-259). The log-alpha gradient norm is clipped
+       at 10, the weights' at 5 (lines 504-505).
+    4. Temperature: lambda_e = lambda_0 - (lambda_0 - lambda_min) (e + 1) / E for epoch e = 0..E-1: the official
+       scheduler steps before each epoch (train_search.py line 325), so epoch 0 already trains at
+       lambda_0 - (lambda_0 - lambda_min) / E and the last at lambda_min. The official code hard-codes E = 150
+       whatever --epochs is (utils.py line 144); ours: E = --epochs (equal at the default).
+    5. ours: the weight lr scheduler steps at the end of each epoch (as darts.py Deviation 4); train_search.py
+       line 323 steps it first, so its epoch 0 trains at eta(1).
     6. Data: weights and log alpha train on the whole training split; the per-epoch search accuracy is measured
-       on the test split with a fresh Gumbel sample per batch (official valid_queue is the CIFAR-10 test set);
-       nothing is selected on it. We also log the child network's accuracy (one-hot argmax of every edge,
-       official --gen_max_child), the paper's claim that the child keeps the search accuracy.
-    7. Drop-path 0.3 on every edge output during search (README --drop_path_prob 3e-1); not in the paper.
+       on the test split with a fresh Gumbel sample per batch (official valid_queue is the CIFAR-10 test set,
+       train_search.py lines 278, 304); nothing is selected on it. We also log the child network's accuracy
+       (one-hot argmax of every edge, official --gen_max_child, model_search.py lines 385-387), the paper's claim
+       that the child keeps the search accuracy.
+    7. Drop-path 0.3 on every edge output during search (README --drop_path_prob 3e-1; model_search.py
+       lines 104-106 test the MixedOp, never an Identity, so no edge is spared).
     8. Resource constraint (README: --method reparametrization --log_penalty --resource_lambda 1.5e-3):
-       per-edge costs (#params, FLOPs, memory access) are the official operations.py formulas; per edge
-       (log max(C_size, 1) + log max(C_flops, 1) + log max(C_mac, 1)) / 3; normal and reduction sums are averaged
-       over the cells of each kind (official: divided by hard-coded 6 and 2, the counts at 8 cells). The paper's
-       eta for its mild / moderate / aggressive cells is not in the code or in anything we could read.
+       per-edge costs (#params, FLOPs, memory access) are the official operations.py formulas, each measured at
+       the op's input size; per edge (log max(C_size, 1) + log max(C_flops, 1) + log max(C_mac, 1)) / 3
+       (model_search.py line 474); normal and reduction sums are averaged over the cells of each kind (official:
+       divided by hard-coded 6 and 2, the counts at 8 cells, train_search.py lines 423-430). The paper's eta for
+       its mild / moderate / aggressive cells is not in the code or in anything we could read.
        policy_gradient: ours detaches Z in the score function and uses the exact Concrete log-density
-       (official: Z not detached, Z clamped at 1e-4).
-    9. Genotype ("edge_all", official genotype_edge_all, the cells the README retrains): every edge keeps its
-       argmax op, 'none' included, so a node can keep 0 to i+2 inputs; DARTS keeps the top-2 edges per node
-       with 'none' excluded. ours: edge_all_to_cell writes such a cell exactly in the two-inputs-per-node format
-       of common.NetworkCIFAR: a node with m > 2 inputs becomes m - 1 nodes chained by skip_connect (identity:
-       no parameters, no drop-path), the helpers left out of the concat; a node with 1 or 0 inputs is padded
-       with 'none'. For the three published cells this gives common.GENOTYPES["SNAS_*"] (aggressive: up to the
-       order of its 'none' pads).
+       (official logp, model_search.py lines 247-257: Z not detached, Z clamped at 1e-4).
+    9. Genotype ("edge_all", official genotype_edge_all, model_search.py lines 726-756, the cells the README
+       retrains): every edge keeps its argmax op, 'none' included, so a node can keep 0 to i+2 inputs; DARTS
+       keeps the top-2 edges per node with 'none' excluded. ours: edge_all_to_cell writes such a cell exactly in
+       the two-inputs-per-node format of common.NetworkCIFAR: a node with m > 2 inputs becomes m - 1 nodes chained
+       by skip_connect (identity: no parameters, no drop-path), the helpers left out of the concat; a node with 1
+       or 0 inputs is padded with 'none'. For the three published cells (genotypes.py lines 151, 207, 263) this
+       gives common.GENOTYPES["SNAS_*"] (aggressive: up to the order of its 'none' pads). --genotype reads an
+       edge_all cell by name, as a Genotype(...) literal or as a genotype.json, and converts it the same way.
    10. Retraining: the DARTS protocol of common.retrain, which is train_edge_all.py's; but the official child
-       network has an affine BatchNorm after each pooling op, common.NetworkCIFAR has none (2160 parameters
-       fewer for SNAS_mild, 864 for SNAS_moderate at C=36).
+       network has an affine BatchNorm after each pooling op (model_edge_all.py line 39 builds the ops with
+       affine=True; operations.py lines 24-75), common.NetworkCIFAR has none (2160 parameters fewer for SNAS_mild,
+       864 for SNAS_moderate at C=36).
    11. Parameter counts at C=36, 20 cells: SNAS_moderate 2.85 M and SNAS_aggressive 2.31 M match the paper's
        2.8 M and 2.3 M; SNAS_mild gives 2.66 M against the paper's 2.9 M, a gap we cannot explain (the pool BNs
        add 0.002 M, the auxiliary head 0.48 M).
    12. ours: --amp (bfloat16 autocast, CUDA only). Not implemented: --resample_layer, --nsample > 1, the
        auxiliary tower during search, the random-sampling / alternating-update ablations, the resource scheduler.
+   13. ours: search_history.jsonl logs each epoch's cell after that epoch; train_search.py logs genotype_edge_all
+       before each epoch trains (line 336) and once after the last (line 373), the cell retrained here too.
+   Plus the deviations shared by every method file, listed in common.py's docstring (C1-C5).
 
 Runs: --resume RUN_DIR continues a killed run; under torchrun only retraining is distributed (README.md).
 """
 
+import ast
 import dataclasses
+import json
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -88,30 +105,39 @@ from common import OPS, PRIMITIVES, Genotype, UsageError, arg
 class Args(common.BaseArgs):
     exp_name: str = arg("snas", "name of the method; prefix of the run folder", "run")
     # Algorithm specific arguments (SNAS/train_search.py defaults and the README's single-GPU command)
-    epochs: int = arg(150, "README --epochs 150")
-    batch_size: int = arg(64, "train_search.py --batch_size 64")
-    lr: float = arg(0.025, "train_search.py --learning_rate 0.025 (weights, SGD)")
-    lr_min: float = arg(0.001, "train_search.py --learning_rate_min 0.001 (cosine floor)")
-    momentum: float = arg(0.9, "train_search.py --momentum 0.9")
-    weight_decay: float = arg(3e-4, "train_search.py --weight_decay 3e-4")
-    init_channels: int = arg(16, "README --init_channels 16")
-    layers: int = arg(8, "README --layer 8 (cells in the supernet)")
-    grad_clip: float = arg(5.0, "train_search.py --grad_clip 5 (weights)")
+    epochs: int = arg(150, "README --epochs 150", check=">=1")
+    batch_size: int = arg(64, "train_search.py --batch_size 64", check=">=2")
+    lr: float = arg(0.025, "train_search.py --learning_rate 0.025 (weights, SGD)", check=">0")
+    lr_min: float = arg(0.001, "train_search.py --learning_rate_min 0.001 (cosine floor)", check=">=0")
+    momentum: float = arg(0.9, "train_search.py --momentum 0.9", check="[0,1)")
+    weight_decay: float = arg(3e-4, "train_search.py --weight_decay 3e-4", check=">=0")
+    init_channels: int = arg(16, "README --init_channels 16", check=">=1")
+    layers: int = arg(8, "README --layer 8 (cells in the supernet); at least 3, or there is no normal cell "
+                      "(reductions sit at layers//3 and 2*layers//3) and log_alpha_normal gets no gradient",
+                      check=">=3")
+    grad_clip: float = arg(5.0, "train_search.py --grad_clip 5 (weights); 0 = no clipping", check=">=0")
     arch_optimizer: str = arg("sgd", "sgd (single-GPU train_search.py: plain SGD on log alpha) | adam (its "
-                              "distributed launch: Adam, betas (0.5, 0.999))")
-    arch_lr: float = arg(3e-4, "train_search.py --arch_learning_rate 3e-4")
-    arch_weight_decay: float = arg(1e-3, "train_search.py --arch_weight_decay 1e-3 (Adam only)")
-    arch_grad_clip: float = arg(10.0, "train_search.py clips the log-alpha gradient norm at 10")
-    loc_mean: float = arg(1.0, "train_search.py --loc_mean 1: log alpha ~ N(loc_mean, loc_std)")
-    loc_std: float = arg(0.01, "train_search.py --loc_std 0.01")
-    temp: float = arg(1.0, "README --temp 1: initial Gumbel-softmax temperature lambda_0")
-    temp_min: float = arg(0.03, "README --temp_min 0.03: final temperature (linear per epoch, --temp_annealing)")
-    search_drop_path_prob: float = arg(0.3, "README --drop_path_prob 3e-1: drop-path on every edge during search")
-    resource_lambda: float = arg(1.5e-3, "README --resource_lambda 1.5e-3: eta of Eq. (8); 0 = no constraint")
+                              "distributed launch: Adam, betas (0.5, 0.999))", check=("sgd", "adam"))
+    arch_lr: float = arg(3e-4, "train_search.py --arch_learning_rate 3e-4", check=">0",
+                         aliases=("--arch-learning-rate",))
+    arch_weight_decay: float = arg(1e-3, "train_search.py --arch_weight_decay 1e-3 (Adam only)", check=">=0")
+    arch_grad_clip: float = arg(10.0, "train_search.py line 505 clips the log-alpha gradient norm at 10; "
+                                "0 = no clipping", check=">=0")
+    loc_mean: float = arg(1.0, "train_search.py --loc_mean 1: log alpha ~ N(loc_mean, loc_std) (any finite number)")
+    loc_std: float = arg(0.01, "train_search.py --loc_std 0.01", check=">=0")
+    tau_max: float = arg(1.0, "README --temp 1: initial Gumbel-softmax temperature lambda_0", check=">0",
+                         aliases=("--temp",))
+    tau_min: float = arg(0.03, "README --temp_min 0.03: final temperature (linear per epoch, --temp_annealing); "
+                         "at most --tau-max", check=">0", aliases=("--temp-min",))
+    search_drop_path_prob: float = arg(0.3, "README --drop_path_prob 3e-1: drop-path on every edge during search",
+                                       check="[0,1)")
+    resource_lambda: float = arg(1.5e-3, "README --resource_lambda 1.5e-3: eta of Eq. (8); 0 = no constraint",
+                                 check=">=0")
     resource_method: str = arg("reparametrization", "README --method: reparametrization | discrete | "
-                               "policy_gradient (Deviation 8)")
+                               "policy_gradient (Deviation 8)",
+                               check=("reparametrization", "discrete", "policy_gradient"))
     log_penalty: bool = arg(True, "README --log_penalty: mean of the logs of the 3 costs per edge")
-    resource_ratio: float = arg(1.0, "train_search.py --ratio 1: weight of the reduction cells' cost")
+    resource_ratio: float = arg(1.0, "train_search.py --ratio 1: weight of the reduction cells' cost", check=">=0")
 
 
 # =====================================================================================
@@ -164,7 +190,7 @@ class SearchCell(nn.Module):
         # edge order: node 0 <- states 0,1; node 1 <- 0,1,2; ... (2+3+4+5 = 14 edges for 4 steps)
         self.edges = nn.ModuleList(MixedOp(C, 2 if reduction and j < 2 else 1)
                                    for i in range(steps) for j in range(2 + i))
-        self.input_size, self._costs = None, (None, None)  # H of the preprocessed inputs; cached costs
+        self.input_size, self.node_size, self._costs = None, None, (None, None)  # H of inputs, nodes; cached costs
 
     def forward(self, s0, s1, weights, drop_prob=0.0):  # weights: (n_edges, n_ops)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
@@ -180,19 +206,20 @@ class SearchCell(nn.Module):
                 node = node + out
             offset += len(states)
             states.append(node)
+        self.node_size = states[2].shape[-1]  # ceil(H / 2) in a reduction cell
         return torch.cat(states[-self.multiplier:], dim=1)  # (B, multiplier*C, H, W)
 
     def costs(self, like):
         """(n_edges, n_ops, 3) costs C(O_ij) of Eq. (9) for this cell: #params, FLOPs, memory access, on the
-        device and dtype of `like`; computed from the input size of the last forward, then cached."""
-        key = (self.input_size, like.device, like.dtype)
+        device and dtype of `like`; computed from the input sizes of the last forward (of the cell's inputs for the
+        edges from states 0 and 1, of its nodes for the others), as operations.py measures x.size(), then cached."""
+        key = (self.input_size, self.node_size, like.device, like.dtype)
         if self._costs[0] != key:
-            H, rows = self.input_size, []
+            rows = []
             for i in range(self.steps):
                 for j in range(2 + i):
                     stride = 2 if self.reduction and j < 2 else 1
-                    size = H // 2 if self.reduction and j >= 2 else H  # a reduction cell's nodes are halved
-                    rows.append(op_costs(self.C, stride, size))
+                    rows.append(op_costs(self.C, stride, self.input_size if j < 2 else self.node_size))
             self._costs = (key, torch.tensor(rows, dtype=like.dtype, device=like.device))
         return self._costs[1]
 
@@ -303,11 +330,12 @@ def resource_penalty(model, weights, method="reparametrization", log_penalty=Tru
 # =====================================================================================
 # Architecture update rule: one backward for theta and log alpha, temperature schedule
 # =====================================================================================
-def temperature(epoch, epochs, temp0=1.0, temp_min=0.03):
-    """Deviation 4: lambda used in `epoch` (0-based): linear from temp0 to temp_min, reached at the last epoch.
-    Official utils.Temp_Scheduler: (1 - t/150)(temp0 - temp_min) + temp_min with t = epoch + 1."""
+def temperature(epoch, epochs, tau_max=1.0, tau_min=0.03):
+    """Deviation 4: lambda used in `epoch` (0-based): linear from tau_max (lambda_0) to tau_min, reached at the last
+    epoch. Official utils.Temp_Scheduler (utils.py lines 128-148): (1 - t/150)(temp - temp_min) + temp_min with
+    t = epoch + 1."""
     # ALGO LOGIC: lambda = (1 - (e + 1) / E) (lambda_0 - lambda_min) + lambda_min
-    return max(temp_min, (1 - (epoch + 1) / epochs) * (temp0 - temp_min) + temp_min)
+    return max(tau_min, (1 - (epoch + 1) / epochs) * (tau_max - tau_min) + tau_min)
 
 
 def search_gradient(dL_dz, z, temp):
@@ -331,8 +359,8 @@ def train_step(model, x, y, w_optimizer, a_optimizer, args):
     penalty = resource_penalty(model, weights, args.resource_method, args.log_penalty, args.resource_ratio)
     # ALGO LOGIC: Eq. (3) + (8): L_theta(Z) + eta C(Z), one backward for theta and log alpha
     (loss + args.resource_lambda * penalty if args.resource_lambda else loss).backward()
-    nn.utils.clip_grad_norm_(model.weight_parameters(), args.grad_clip)
-    nn.utils.clip_grad_norm_(model.arch_parameters(), args.arch_grad_clip)
+    common.clip_grad(model.weight_parameters(), args.grad_clip)
+    common.clip_grad(model.arch_parameters(), args.arch_grad_clip)
     w_optimizer.step()
     a_optimizer.step()
     return loss.detach(), logits.detach(), penalty.detach().item()
@@ -405,9 +433,53 @@ def edge_all_to_cell(g, steps=4):
     return common.validate_genotype(Genotype(normal, normal_concat, reduce, reduce_concat), "edge_all cell")
 
 
+def _read_genotype(text):
+    """The Genotype that a --genotype literal or genotype.json holds, read without common's checks (they reject the
+    edge_all form); None where it cannot be read, and common.parse_genotype then names the problem."""
+    try:
+        if not text.startswith("Genotype(") and (text.endswith(".json") or Path(text).is_file()):
+            d = json.loads(Path(text).read_text())
+            fields = d.get("genotype", d)
+        elif text.startswith("Genotype("):
+            fields = {k.arg: common._literal(k.value) for k in ast.parse(text, mode="eval").body.keywords}
+        else:
+            return None
+        return Genotype(*[fields[k] for k in Genotype._fields])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SyntaxError):
+        return None
+
+
+def _is_edge_all(edges):
+    try:
+        return common.is_edge_all([tuple(e) for e in edges])
+    except (TypeError, ValueError):  # not a list of (op, input) pairs: common.validate_genotype says why
+        return False
+
+
 def parse_genotype(text):
-    """--genotype: a published edge_all name (EDGE_ALL), else anything common.parse_genotype reads."""
-    return edge_all_to_cell(EDGE_ALL[text]) if text in EDGE_ALL else common.parse_genotype(text)
+    """--genotype: a published edge_all name (EDGE_ALL) or an edge_all cell given as a Genotype(...) literal or a
+    genotype.json (read as edge_all and converted by edge_all_to_cell), else anything common.parse_genotype reads
+    (it rejects the edge_all form; its suggestions for an unknown name include EDGE_ALL)."""
+    text = text.strip()
+    if text in EDGE_ALL:
+        return edge_all_to_cell(EDGE_ALL[text])
+    g = _read_genotype(text)
+    if g is None or not (_is_edge_all(g.normal) or _is_edge_all(g.reduce)):
+        return common.parse_genotype(text, more_names=EDGE_ALL)
+    what = "genotype literal" if text.startswith("Genotype(") else text
+    for cell, concat in (("normal", g.normal_concat), ("reduce", g.reduce_concat)):
+        edges = getattr(g, cell)
+        if not _is_edge_all(edges):
+            raise UsageError(f"{what}: one cell is in the edge_all form (14 edges, node k reads every earlier state) "
+                             f"and the {cell} cell is not; give both cells in one form")
+        for k, (op, _) in enumerate(edges):
+            if not isinstance(op, str) or op not in OPS:
+                raise UsageError(f"{what}: {cell}[{k}] has unknown op {op!r}; known: {', '.join(OPS)}")
+        if not isinstance(concat, (list, tuple)) or not concat or \
+                any(not isinstance(c, int) or not 0 <= c < 6 for c in concat):
+            raise UsageError(f"{what}: {cell}_concat {concat!r} names states that do not exist (0..5)")
+    return edge_all_to_cell(Genotype([tuple(e) for e in g.normal], list(g.normal_concat),
+                                     [tuple(e) for e in g.reduce], list(g.reduce_concat)))
 
 
 # =====================================================================================
@@ -473,7 +545,7 @@ def search(args, device, run_dir, log):
         t0 = time.time()
         lr = w_optimizer.param_groups[0]["lr"]
         # ALGO LOGIC: Deviation 4: linear annealing of the Gumbel-softmax temperature, once per epoch
-        model.temperature = temperature(epoch, args.epochs, args.temp, args.temp_min)
+        model.temperature = temperature(epoch, args.epochs, args.tau_max, args.tau_min)
         train_loss, train_acc, penalty, s_per_step = search_epoch(model, train_data, w_optimizer, a_optimizer,
                                                                   device, args, log, epoch)
         val_loss, val_acc = common.evaluate(model, val_data, device, args.amp, args.steps_per_epoch)
@@ -528,49 +600,15 @@ def search(args, device, run_dir, log):
 # main: search -> derive -> retrain -> test
 # =====================================================================================
 def main(args):
-    device = common.get_device(args.device)
-    if args.resume:
-        args = common.resume_args(args, __file__)  # the run's own flags; checks folder and checkpoints
-    common.check_common_args(args, device)
-    if not 0 < args.temp_min <= args.temp:
-        raise UsageError(f"temperatures must satisfy 0 < --temp-min <= --temp, got {args.temp_min} and {args.temp}")
-    if args.resource_method not in ("reparametrization", "discrete", "policy_gradient"):
-        raise UsageError(f"--resource-method must be reparametrization, discrete or policy_gradient, "
-                         f"got {args.resource_method!r}")
-    if args.resource_lambda < 0:
-        raise UsageError(f"--resource-lambda must be >= 0 (0 = no resource constraint), got {args.resource_lambda}")
-    if args.arch_optimizer not in ("sgd", "adam"):
-        raise UsageError(f"--arch-optimizer must be sgd or adam, got {args.arch_optimizer!r}")
-    if not 0 <= args.search_drop_path_prob < 1:
-        raise UsageError(f"--search-drop-path-prob must be in [0, 1), got {args.search_drop_path_prob}")
+    args, device = common.prepare(args, __file__)  # --resume's flags, the device, every flag's range
+    if args.tau_min > args.tau_max:
+        raise UsageError(f"the temperature anneals from --tau-max (--temp) down to --tau-min (--temp-min): "
+                         f"--tau-min {args.tau_min} is above --tau-max {args.tau_max}")
+    for name in ("loc_mean", "loc_std"):
+        if not math.isfinite(getattr(args, name)):
+            raise UsageError(f"{common.flag(name)} must be a finite number, got {getattr(args, name)}")
     genotype = parse_genotype(args.genotype) if args.genotype else None  # fail before any work
-    if genotype is not None and args.no_retrain:
-        raise UsageError("--genotype skips the search and --no-retrain skips retraining: nothing to do")
-    rank, world, device = common.setup_distributed(device)
-    if world > 1 and genotype is None:
-        raise UsageError("under torchrun only retraining is distributed: search with one process, then "
-                         "pass --genotype runs/<run>/genotype.json")
-    run_dir, log = common.start_run(args, __file__)
-    common.seed_everything(args.seed, args.torch_deterministic)
-    results = {"method": "snas", "dataset": args.dataset, "seed": args.seed}
-    if genotype is None:
-        genotype, results["search"] = search(args, device, run_dir, log)
-    else:
-        log.info("retraining the given genotype, no search: %s", genotype)
-    results["genotype"] = common.genotype_to_dict(genotype)
-    if rank == 0:
-        common.write_json(run_dir / "genotype.json", results["genotype"])
-        common.plot_genotype(genotype, run_dir / "genotype.png")
-    if not args.no_retrain:
-        results["retrain"] = common.retrain(genotype, args, device, run_dir, log, "snas")
-    if rank != 0:
-        return None
-    if not args.no_retrain:
-        log.info("test accuracy %.2f %% (best %.2f %%), %.3f M params", results["retrain"]["test_acc"],
-                 results["retrain"]["best_test_acc"], results["retrain"]["params_M"])
-    common.write_json(run_dir / "results.json", results)
-    log.info("done: %s", run_dir / "results.json")
-    return results
+    return common.run(args, __file__, "snas", device, genotype, search)
 
 
 if __name__ == "__main__":

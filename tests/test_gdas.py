@@ -63,6 +63,7 @@ def test_search_and_retrain_on_fake_writes_the_run_folder(tiny_run):
     assert "search epoch 1 step 8/8" in log and "tau 0.100" in log and "test accuracy" in log
 
 
+@pytest.mark.slow
 def test_digits_search_then_retrain_learns(run):
     """Real data: a broken search or retraining pipeline cannot clear 90 % (chance is 10 %). The
     supernet itself is not held to a bar: 22 single-path steps leave it near chance on digits."""
@@ -77,6 +78,7 @@ def test_digits_search_then_retrain_learns(run):
     assert [r["epoch"] for r in history] == list(range(3)) and history[-1]["lr"] < history[0]["lr"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_run, tmp_path):
     ref, ref_dir = tiny_run
     assert ref.returncode == 0, ref.stderr[-2000:]
@@ -85,25 +87,33 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_run, tmp_path):
     assert "resuming the search at epoch" in (run_dir / "log.txt").read_text()
 
 
-def test_frc_without_no_retrain_is_one_line_and_touches_nothing(tmp_path):
-    proc = run_script("gdas.py", *TINY, "--frc", "--out-dir", tmp_path / "runs")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.startswith("error: --frc") and "--no-retrain" in proc.stderr and proc.stderr.count("\n") == 1
-    assert not (tmp_path / "runs").exists()
-
-
-@pytest.mark.parametrize("flags,needle", [
-    (["--tau-min", "0"], "0 < --tau-min <= --tau-max"),
-    (["--tau-min", "20"], "0 < --tau-min <= --tau-max"),
-    (["--genotype-rule", "top2"], "--genotype-rule must be darts or pairs"),
+GDAS_CASES = [  # (flags, what the one line must say)
+    (["--tau-min", "0"], "--tau-min must be >0, got 0.0"),
+    (["--tau-max", "-1"], "--tau-max must be >0, got -1.0"),
+    (["--tau-min", "20"], "--tau-min 20.0 is above --tau-max 10.0"),
+    (["--genotype-rule", "top2"], "unknown --genotype-rule 'top2'; choose one of darts, pairs"),
+    (["--train-portion", "1"], "--train-portion must be (0, 1), got 1.0"),
+    (["--train-portion", "0"], "--train-portion must be (0, 1), got 0.0"),
+    (["--arch-lr", "0"], "--arch-lr must be >0, got 0.0"),
+    (["--arch-learning-rate", "-1"], "--arch-lr must be >0, got -1.0"),  # the official spelling is an alias
+    (["--arch-weight-decay", "-1"], "--arch-weight-decay must be >=0"),
+    (["--momentum", "0"], "--nesterov needs --momentum > 0"),
+    (["--momentum", "-0.5", "--no-nesterov"], "--momentum must be [0, 1)"),
     (["--frc", "--no-retrain", "--init-channels", "6"], "divisible by 4"),
     (["--frc", "--genotype", "GDAS_V1"], "--frc searches the normal cell only"),
-])
-def test_inconsistent_gdas_flags_raise_before_any_folder(tmp_path, flags, needle):
-    args = common.parse_args(gdas.Args, [*map(str, TINY), "--out-dir", str(tmp_path / "runs"), *flags])
-    with pytest.raises(common.UsageError, match=needle.replace("(", r"\(")):
-        gdas.main(args)
-    assert not (tmp_path / "runs").exists()
+    (["--frc"], "--frc searches the normal cell only and common.retrain cannot build the fixed reduction cell"),
+]
+
+
+@pytest.mark.parametrize("flags,needle", GDAS_CASES, ids=[" ".join(f)[:40] for f, _ in GDAS_CASES])
+def test_bad_gdas_flags_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, flags, needle):
+    """GDAS's own flags and cross-flag checks, in-process through common.cli (the entry point of `python gdas.py`),
+    as tests/test_bad_input.py runs the flags every method shares."""
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(gdas.main, gdas.Args, [*TINY, "--out-dir", str(tmp_path / "runs"), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
 
 
 # ----------------------------------------------------------------------------------------
@@ -282,6 +292,81 @@ def test_frc_supernet_searches_the_normal_cell_only():
     assert cell(torch.randn(2, 12, 16, 16), torch.randn(2, 16, 16, 16)).shape == (2, 32, 8, 8)  # stem 3C, cell 0 4C
     g = model.genotype()
     assert len(g.normal) == 8 and g.reduce == [] and list(model.arch_weights()) == ["normal"]
+
+
+@pytest.mark.parametrize("size", [9, 13, 30, 64])
+@pytest.mark.parametrize("frc", [False, True])
+def test_supernet_forward_and_backward_at_odd_and_large_image_sizes(frc, size):
+    """Any image size >= 8: the search cells (and the fixed reduction cell) meet at ceil(H/2) after each reduction."""
+    torch.manual_seed(0)
+    model = gdas.Network(4, 10, 3, frc=frc).train()
+    loss = F.cross_entropy(model(torch.randn(2, 3, size, size)), torch.tensor([1, 2]))
+    grads = torch.autograd.grad(loss, model.arch_parameters())
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_frc_cell_convs_carry_the_official_search_bias():
+    """Deviation 10: GDAS_Reduction_Cell builds its convs with bias=not affine, so the search cell (affine-free BNs)
+    has a bias on each of its 6 convs: per branch 2 grouped convs of C * (C/8) * 3 weights + C biases and a 1x1 conv
+    of C * C + C. The affine (retraining) form is the 2019 release's Transition: no bias."""
+    C = 16
+    search, retrain = gdas.FixedReductionCell(12, 16, C, False), gdas.FixedReductionCell(12, 16, C, False, affine=True)
+    convs = [m for m in search.convs.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 6 and all(c.bias is not None for c in convs)
+    assert sum(p.numel() for p in search.convs.parameters()) == 2 * (2 * (C * (C // 8) * 3 + C) + C * C + C)
+    assert all(m.bias is None for m in retrain.convs.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+# ----------------------------------------------------------------------------------------
+# Deviation 12: zero-filled gradients (official) against --freeze-unsampled
+# ----------------------------------------------------------------------------------------
+def test_unsampled_ops_move_by_weight_decay_and_momentum_by_default_and_stay_with_freeze_unsampled(monkeypatch):
+    """Two search steps with the sampled op forced on every edge: step 1 runs op a in the weight step and op b in the
+    architecture step, step 2 runs op c in both. In step 2, a and b are not sampled, so their gradient is zero and
+    official SGD (zero-filled .grad, Nesterov, weight decay wd, momentum mu, lr eta) gives, in closed form,
+        d = wd p1,  buf2 = mu buf1 + d,  p2 = p1 - eta (d + mu buf2)    (a: buf1 from its step-1 update)
+        p2 = p1 - eta (1 + mu) wd p1                                     (b: no buffer yet, buf2 = d)
+    b moved in neither step before: it ran only in an architecture step, which leaves it a .grad in the official
+    code. With --freeze-unsampled (set_to_none=True) SGD skips both: p2 == p1 bit for bit."""
+    a, b, c = (PRIMITIVES.index(n) for n in ("sep_conv_3x3", "dil_conv_3x3", "sep_conv_5x5"))
+    lr, mu, wd = 0.025, 0.9, 5e-4
+    moved = {}
+    for freeze in (False, True):
+        order = iter([a, a, b, b, c, c, c, c])  # per forward: normal, then reduce sample
+
+        def forced(alpha, tau, generator=None):  # straight-through one-hot of the forced op on every edge
+            index = torch.full(alpha.shape[:-1], next(order), dtype=torch.long)
+            soft = F.softmax(alpha, -1)
+            return F.one_hot(index, alpha.shape[-1]).to(soft.dtype) - soft.detach() + soft, index
+
+        monkeypatch.setattr(gdas, "gumbel_max_sample", forced)
+        torch.manual_seed(0)
+        model = gdas.Network(4, 10, 3).double().train()
+        w_opt = torch.optim.SGD(model.weight_parameters(), lr, momentum=mu, weight_decay=wd, nesterov=True)
+        a_opt = torch.optim.Adam(model.arch_parameters(), 3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
+        args = gdas.Args(device="cpu", freeze_unsampled=freeze)
+        x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (4,))
+        op_a, op_b = (list(model.cells[0].edges[0].ops[k].parameters()) for k in (a, b))
+        p0 = [q.detach().clone() for q in op_b]
+        gdas.search_step(model, x, y, x, y, w_opt, a_opt, args)
+        p1a, p1b = ([q.detach().clone() for q in ps] for ps in (op_a, op_b))
+        buf1 = [w_opt.state[q]["momentum_buffer"].clone() for q in op_a]
+        assert all(torch.equal(q, r) for q, r in zip(p1b, p0))  # b ran in no weight step yet
+        assert [q.grad is not None for q in op_b] == [not freeze] * len(op_b)  # the official .grad left by step 1
+        gdas.search_step(model, x, y, x, y, w_opt, a_opt, args)
+        if freeze:
+            assert all(torch.equal(q.detach(), r) for q, r in zip(op_a + op_b, p1a + p1b))
+            assert all("momentum_buffer" not in w_opt.state[q] for q in op_b)
+        else:
+            for q, p1, m1 in zip(op_a, p1a, buf1):
+                d = wd * p1
+                buf2 = mu * m1 + d
+                assert torch.allclose(q.detach(), p1 - lr * (d + mu * buf2), rtol=1e-12, atol=1e-15)
+            for q, p1 in zip(op_b, p1b):
+                assert torch.allclose(q.detach(), p1 - lr * (1 + mu) * wd * p1, rtol=1e-12, atol=1e-15)
+        moved[freeze] = max((q.detach() - r).abs().max().item() for q, r in zip(op_a + op_b, p1a + p1b))
+    assert moved[False] > 1e-7 and moved[True] == 0.0
+    assert gdas.Args().freeze_unsampled is False  # the official behaviour is the default
 
 
 # ----------------------------------------------------------------------------------------

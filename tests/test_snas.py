@@ -1,4 +1,5 @@
 """snas.py: its formulas against autograd, closed forms and hand counts; its runs end to end."""
+import dataclasses
 import json
 import math
 
@@ -265,6 +266,7 @@ def test_search_and_retrain_on_fake_writes_the_run_folder(run):
     assert "search epoch 1 step 4/4" in log and "retrain epoch 0" in log and "test accuracy" in log
 
 
+@pytest.mark.slow
 def test_digits_search_then_retrain_learns(run):
     """Real data, kept to ~30 s of CPU: one search epoch on 3 cells, then 3 retraining epochs. A broken search or
     retraining pipeline stays near chance (10 %). The short search holds lambda at 2 and drops no paths: with the
@@ -273,9 +275,9 @@ def test_digits_search_then_retrain_learns(run):
     default schedule is exercised on fake data above. After one epoch the eval-mode accuracy still suffers from
     unsettled BN statistics, so the search is judged by its training accuracy."""
     proc, run_dir = run("snas.py", "--dataset", "digits", "--device", "cpu", "--workers", "0", "--epochs", "1",
-                        "--batch-size", "64", "--init-channels", "8", "--layers", "3", "--temp", "2", "--temp-min", "2",
-                        "--search-drop-path-prob", "0", "--retrain-epochs", "3", "--retrain-init-channels", "8",
-                        "--retrain-layers", "3", "--retrain-batch-size", "64")
+                        "--batch-size", "64", "--init-channels", "8", "--layers", "3", "--tau-max", "2",
+                        "--tau-min", "2", "--search-drop-path-prob", "0", "--retrain-epochs", "3",
+                        "--retrain-init-channels", "8", "--retrain-layers", "3", "--retrain-batch-size", "64")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["search"]["train_acc"] > 35, results["search"]
@@ -284,6 +286,7 @@ def test_digits_search_then_retrain_learns(run):
     assert [r["epoch"] for r in history] == [0, 1, 2] and history[-1]["lr"] < history[0]["lr"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     """Also runs the non-default paths end to end: Adam on log alpha (its state must be checkpointed) and the
     policy-gradient resource term."""
@@ -294,22 +297,101 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     kill_resume_and_compare("snas.py", flags, tmp_path, tmp_path / "ref")  # killed in search and in retraining
 
 
-def test_bad_input_is_one_line_and_touches_nothing(tmp_path):
-    proc = run_script("snas.py", *TINY, "--out-dir", tmp_path / "runs", "--temp", "0.5", "--temp-min", "1")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.startswith("error: ") and "0 < --temp-min <= --temp" in proc.stderr
-    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+EDGE_ALL_MILD = (  # SNAS_mild_edge_all written out as a literal, as SNAS-Series genotypes.py lines 151-206 give it
+    "Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('skip_connect', 0), ('dil_conv_3x3', 1), ('none', 2), "
+    "('skip_connect', 0), ('skip_connect', 1), ('none', 3), ('none', 2), ('skip_connect', 0), ('sep_conv_3x3', 1), "
+    "('none', 4), ('none', 3), ('none', 2)], normal_concat=range(2, 6), reduce=[('max_pool_3x3', 0), "
+    "('max_pool_3x3', 1), ('none', 0), ('max_pool_3x3', 1), ('skip_connect', 2), ('none', 0), ('max_pool_3x3', 1), "
+    "('skip_connect', 2), ('none', 3), ('max_pool_3x3', 0), ('dil_conv_5x5', 2), ('none', 1), ('none', 3), "
+    "('none', 4)], reduce_concat=range(2, 6))")
+DARTS_CELL = "[('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('skip_connect', 0), ('sep_conv_3x3', 1), " \
+             "('skip_connect', 0), ('sep_conv_3x3', 1), ('skip_connect', 0), ('skip_connect', 2)]"
 
 
-@pytest.mark.parametrize("kw,needle", [
-    (dict(resource_method="reinforce"), "--resource-method must be"),
-    (dict(resource_lambda=-1.0), "--resource-lambda must be >= 0"),
-    (dict(arch_optimizer="rmsprop"), "--arch-optimizer must be sgd or adam"),
-    (dict(search_drop_path_prob=1.0), "--search-drop-path-prob must be in [0, 1)"),
-    (dict(genotype="SNAS_mild_edge_all", no_retrain=True), "nothing to do"),  # the edge_all name parses
-])
-def test_inconsistent_flags_stop_before_any_work(tmp_path, kw, needle):
-    """The same checks in-process (cli() prints a UsageError as the one line above)."""
-    with pytest.raises(common.UsageError) as e:
-        snas.main(tiny_args(out_dir=str(tmp_path / "runs"), **kw))
-    assert needle in str(e.value) and not (tmp_path / "runs").exists()
+def test_an_edge_all_literal_or_json_converts_to_exactly_the_cell_of_the_published_name(tmp_path, capsys):
+    """--genotype with the edge_all cell written out (a literal, or the genotype.json of a run's genotype_edge_all) is
+    read as edge_all and converted by edge_all_to_cell: the same cell as the name SNAS_mild_edge_all, which is the
+    published SNAS_mild. common.parse_genotype (every other file) rejects the same text (tests/test_bad_input.py)."""
+    want = snas.parse_genotype("SNAS_mild_edge_all")
+    assert want == snas.edge_all_to_cell(snas.EDGE_ALL["SNAS_mild_edge_all"]) == common.GENOTYPES["SNAS_mild"]
+    assert snas.parse_genotype(EDGE_ALL_MILD) == want
+    path = tmp_path / "genotype.json"
+    path.write_text(json.dumps(common.genotype_to_dict(snas.EDGE_ALL["SNAS_mild_edge_all"])))
+    assert snas.parse_genotype(str(path)) == want
+    path.write_text(json.dumps({"genotype": common.genotype_to_dict(common.GENOTYPES["SNAS_mild"])}))
+    assert snas.parse_genotype(str(path)) == want  # a two-input cell (a run's genotype.json) is read as it is
+    with pytest.raises(common.UsageError, match="edge_all"):
+        common.parse_genotype(EDGE_ALL_MILD)
+    # and through the command line: the literal parses (the run then stops at the next check, nothing written)
+    with pytest.raises(SystemExit):
+        common.cli(snas.main, snas.Args, [*TINY, "--out-dir", str(tmp_path / "runs"), "--genotype", EDGE_ALL_MILD,
+                                          "--no-retrain"])
+    assert "nothing to do" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+SNAS_CASES = [  # (flags, what the one line must say)
+    (["--temp", "0.5", "--temp-min", "1"], "--tau-min 1.0 is above --tau-max 0.5"),  # the README's names are aliases
+    (["--tau-max", "0.5", "--tau-min", "1"], "--tau-min 1.0 is above --tau-max 0.5"),
+    (["--temp", "0"], "--tau-max must be >0, got 0.0"),
+    (["--tau-min", "-1"], "--tau-min must be >0, got -1.0"),
+    (["--resource-method", "reinforce"], "unknown --resource-method 'reinforce'; choose one of reparametrization"),
+    (["--resource-lambda", "-1"], "--resource-lambda must be >=0, got -1.0"),
+    (["--resource-ratio", "-1"], "--resource-ratio must be >=0"),
+    (["--arch-optimizer", "adma"], "unknown --arch-optimizer 'adma'; choose one of sgd, adam (did you mean 'adam'?)"),
+    (["--search-drop-path-prob", "1"], "--search-drop-path-prob must be [0, 1), got 1.0"),
+    (["--arch-grad-clip", "-1"], "--arch-grad-clip must be >=0"),
+    (["--arch-lr", "0"], "--arch-lr must be >0"),
+    (["--arch-learning-rate", "0"], "--arch-lr must be >0"),
+    (["--arch-weight-decay", "-1"], "--arch-weight-decay must be >=0"),
+    (["--loc-std", "-1"], "--loc-std must be >=0"),
+    (["--loc-mean", "nan"], "--loc-mean must be a finite number, got nan"),
+    (["--loc-std", "inf"], "--loc-std must be a finite number, got inf"),
+    (["--genotype", "SNAS_mild_edge_al"], "(did you mean 'SNAS_mild_edge_all'?)"),  # EDGE_ALL names are suggested
+    (["--genotype", "SNAS_mild_edge_all", "--no-retrain"], "nothing to do"),  # the edge_all name parses
+    (["--genotype", EDGE_ALL_MILD.replace("reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1), ('none', 0), "
+      "('max_pool_3x3', 1), ('skip_connect', 2), ('none', 0), ('max_pool_3x3', 1), ('skip_connect', 2), ('none', 3), "
+      "('max_pool_3x3', 0), ('dil_conv_5x5', 2), ('none', 1), ('none', 3), ('none', 4)]", "reduce=" + DARTS_CELL)],
+     "genotype literal: one cell is in the edge_all form (14 edges, node k reads every earlier state) and the reduce"),
+    (["--genotype", EDGE_ALL_MILD.replace("dil_conv_3x3", "dil_conv_9x9")], "normal[3] has unknown op 'dil_conv_9x9'"),
+    (["--genotype", EDGE_ALL_MILD.replace("reduce_concat=range(2, 6)", "reduce_concat=[2, 3, 9]")],
+     "reduce_concat [2, 3, 9] names states that do not exist"),
+]
+
+
+@pytest.mark.parametrize("flags,needle", SNAS_CASES, ids=[" ".join(f)[:40] for f, _ in SNAS_CASES])
+def test_bad_snas_flags_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, flags, needle):
+    """SNAS's own flags, cross-flag checks and edge_all genotypes, in-process through common.cli (the entry point of
+    `python snas.py`), as tests/test_bad_input.py runs the flags every method shares."""
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(snas.main, snas.Args, [*TINY, "--out-dir", str(tmp_path / "runs"), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
+
+
+def test_a_run_folder_with_the_old_temperature_names_resumes_with_the_new_ones(tmp_path):
+    """Runs made before --temp / --temp-min became --tau-max / --tau-min keep resuming: args.json's old field names
+    map to the new ones (common.resume_args)."""
+    old = {k: v for k, v in dataclasses.asdict(snas.Args(device="cpu")).items() if k not in ("tau_max", "tau_min")}
+    (tmp_path / "args.json").write_text(json.dumps({**old, "temp": 2.0, "temp_min": 0.5}))
+    (tmp_path / "snas.py").write_text("")
+    args = common.resume_args(snas.Args(device="cpu", resume=str(tmp_path)), "snas.py")
+    assert (args.tau_max, args.tau_min, args.resume) == (2.0, 0.5, str(tmp_path))
+
+
+@pytest.mark.parametrize("size", [9, 13, 30, 64])
+def test_supernet_forward_backward_and_costs_at_odd_and_large_image_sizes(size):
+    """Any image size >= 8: the cells meet at ceil(H/2) after a reduction, and each edge's cost is taken at its own
+    input size (the cell's inputs for edges from states 0 and 1, its nodes for the others), as operations.py
+    measures x.size()[2]."""
+    torch.manual_seed(0)
+    net = snas.Network(4, 10, 3, drop_path_prob=0.3).train()
+    logits, z = net(torch.randn(2, 3, size, size))
+    loss = F.cross_entropy(logits, torch.tensor([1, 2])) + 1e-2 * snas.resource_penalty(net, z)
+    grads = torch.autograd.grad(loss, net.arch_parameters())
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    red = net.cells[1]
+    assert (red.input_size, red.node_size) == (size, (size + 1) // 2)
+    costs = red.costs(net.log_alpha_reduce).tolist()
+    assert costs[0] == [list(c) for c in snas.op_costs(8, 2, size)]  # edge 0: state 0 -> node 2, stride 2
+    assert costs[4] == [list(c) for c in snas.op_costs(8, 1, (size + 1) // 2)]  # edge 4: node 2 -> node 3
