@@ -98,6 +98,10 @@ class BaseArgs:
     device: str = arg("auto", "auto | cpu | cuda | cuda:N (auto = CUDA when present)", "run")
     torch_deterministic: bool = arg(True, "cudnn.deterministic (and benchmark off)", "run")
     amp: bool = arg(False, "bfloat16 autocast for weight steps and retraining (CUDA only)", "run")
+    channels_last: bool = arg(False, "channels-last memory format for the supernet and the retrained network "
+                              "(a GPU speed switch; bench.py measures it)", "run")
+    compile: bool = arg(False, "torch.compile the forward of the supernet and the retrained network "
+                        "(nn.Module.compile; the first steps compile, later ones are faster)", "run")
     dataset: str = arg("cifar10", " | ".join(DATASETS), "run", DATASETS)
     data: str = arg("./data", "dataset root (imagefolder: a folder with train/ and val/)", "run")
     image_size: int = arg(0, "input size, at least 8; 0 = the dataset's own (32 CIFAR, 8 digits)", "run",
@@ -118,10 +122,11 @@ class BaseArgs:
     retrain_batch_size: int = arg(96, "train.py --batch_size 96", "retrain", ">=2")
     retrain_lr: float = arg(0.025, "train.py --learning_rate 0.025, cosine to 0", "retrain", ">0")
     retrain_momentum: float = arg(0.9, "train.py --momentum 0.9", "retrain", "[0,1)")
+    retrain_nesterov: bool = arg(False, "Nesterov momentum (train.py: off; the NAS-Bench-201 recipe: on)", "retrain")
     retrain_weight_decay: float = arg(3e-4, "train.py --weight_decay 3e-4", "retrain", ">=0")
-    retrain_init_channels: int = arg(36, "train.py --init_channels 36", "retrain", ">=1")
+    retrain_init_channels: int = arg(36, "train.py --init_channels 36 (NAS-Bench-201: C)", "retrain", ">=1")
     retrain_layers: int = arg(20, "train.py --layers 20 (at least 3: reduction cells sit at 1/3 and 2/3, so "
-                              "fewer cells have no normal cell)", "retrain", ">=3")
+                              "fewer cells have no normal cell; NAS-Bench-201: N, cells per stage)", "retrain", ">=3")
     auxiliary: bool = arg(True, "auxiliary tower (paper: on; official flag default off)", "retrain")
     auxiliary_weight: float = arg(0.4, "train.py --auxiliary_weight 0.4", "retrain", ">=0")
     cutout: bool = arg(True, "cutout (paper: on; official flag default off)", "retrain")
@@ -150,12 +155,14 @@ def _parser(args_cls, suppress=False):
             groups[group] = parser.add_argument_group(group)
         names = [flag(f.name), *f.metadata.get("aliases", ())]
         default = argparse.SUPPRESS if suppress else f.default
+        help = f.metadata["help"] + "".join(f" [{when}: {recipe[f.name]}]" for when, recipe in recipes(args_cls).items()
+                                            if f.name in recipe)
         kind = type(f.default)
         if kind is bool:  # --flag for off-by-default switches, --flag / --no-flag for on-by-default
             action = argparse.BooleanOptionalAction if f.default else "store_true"
-            groups[group].add_argument(*names, dest=f.name, action=action, default=default, help=f.metadata["help"])
+            groups[group].add_argument(*names, dest=f.name, action=action, default=default, help=help)
         else:
-            groups[group].add_argument(*names, dest=f.name, type=kind, default=default, help=f.metadata["help"])
+            groups[group].add_argument(*names, dest=f.name, type=kind, default=default, help=help)
     return parser
 
 
@@ -166,6 +173,27 @@ def parse_args(args_cls, argv=None):
     args = args_cls(**vars(_parser(args_cls).parse_args(argv)))
     args.typed = set(vars(_parser(args_cls, suppress=True).parse_args(argv)))
     return args
+
+
+def recipes(args_cls):
+    """The defaults that another setting brings ({"--space nb201": {field: value}}): a method file's Args may
+    define NB201 (its NAS-Bench-201 search protocol) as a class attribute; NB201_RETRAIN_ARGS holds the
+    benchmark's retraining recipe for every method with a `space` flag."""
+    out = {}
+    if any(f.name == "space" for f in dataclasses.fields(args_cls)):
+        out["--space nb201"] = {**NB201_RETRAIN_ARGS, **getattr(args_cls, "NB201", {})}
+    return out
+
+
+def apply_recipes(args):
+    """Give every field of the recipes that apply (recipes()) its recipe value, unless its flag was typed."""
+    typed = getattr(args, "typed", None)
+    defaults = {f.name: f.default for f in dataclasses.fields(args)}
+    active = {"--space nb201": getattr(args, "space", "darts") == "nb201"}
+    for when, recipe in recipes(type(args)).items():
+        for name, value in recipe.items() if active[when] else ():
+            if (name not in typed) if typed is not None else getattr(args, name) == defaults[name]:
+                setattr(args, name, value)
 
 
 def check_args(args):
@@ -207,7 +235,9 @@ def prepare(args, script):
     no data or model is touched yet."""
     device = get_device(args.device)
     if args.resume:
-        args = resume_args(args, script)  # the run's own flags; checks folder and checkpoints
+        args = resume_args(args, script)  # the run's own flags (recipes already applied); checks its files
+    else:
+        apply_recipes(args)
     check_args(args)
     if args.amp and device.type != "cuda":
         raise UsageError("--amp needs a CUDA device (bfloat16 autocast); drop --amp on CPU")
@@ -809,10 +839,14 @@ def parse_genotype(text, more_names=()):
     text = text.strip()
     if text in GENOTYPES:
         return GENOTYPES[text]
+    if text.startswith("|"):  # a NAS-Bench-201 arch string: returned as its canonical string
+        return nb201_arch_str(parse_nb201_arch(text))
     if not text.startswith("Genotype(") and (text.endswith(".json") or Path(text).is_file()):
         try:
             d = json.loads(Path(text).read_text())
             d = d.get("genotype", d)
+            if d.get("space") == "nb201":
+                return nb201_arch_str(parse_nb201_arch(d["arch"]))
             g = Genotype(*[d[k] for k in Genotype._fields])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UsageError(f"cannot read a genotype from {text!r} ({type(e).__name__}: {e})") from None
@@ -837,6 +871,9 @@ def parse_genotype(text, more_names=()):
 
 
 def genotype_to_dict(g):
+    """What genotype.json holds: the Genotype's lists, or for an NB-201 arch string nb201_record's dict."""
+    if isinstance(g, str):
+        return nb201_record(g)
     return {k: [list(e) if isinstance(e, tuple) else e for e in v] for k, v in g._asdict().items()}
 
 
@@ -965,6 +1002,45 @@ def evaluate(model, data, device, amp=False, max_steps=0):
     return loss_sum / max(n, 1), 100.0 * correct / max(n, 1)
 
 
+class Progress:
+    """An epoch's running loss and accuracy, a log line every report_freq steps, each step's seconds
+    (step_seconds: what bench.py takes the median of) and the CUDA peak memory of the epoch."""
+
+    def __init__(self, log, what, epoch, steps, report_freq, device):
+        self.log, self.what, self.epoch, self.steps, self.report_freq = log, what, epoch, steps, report_freq
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.loss_sum, self.acc_sum, self.step_seconds = 0.0, 0.0, []
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, loss, acc):
+        """After a step, with its loss (a float: .item() has synchronised the device) and accuracy."""
+        now = time.perf_counter()
+        self.step_seconds.append(now - self.last)
+        self.last, self.loss_sum, self.acc_sum = now, self.loss_sum + loss, self.acc_sum + acc
+        n = len(self.step_seconds)
+        if n % self.report_freq == 0 or n == self.steps:
+            self.log.info("%s epoch %d step %d/%d loss %.4f acc %.2f (%.3f s/step)", self.what, self.epoch, n,
+                          self.steps, self.loss_sum / n, self.acc_sum / n, (now - self.t0) / n)
+
+    def summary(self):
+        """{train_loss, train_acc, seconds_per_step, step_seconds, peak_gpu_mb} for the epoch's history row."""
+        n = max(len(self.step_seconds), 1)
+        return {"train_loss": self.loss_sum / n, "train_acc": self.acc_sum / n,
+                "seconds_per_step": sum(self.step_seconds) / n, "step_seconds": self.step_seconds,
+                "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if self.cuda else None}
+
+
+def speed_up(model, args):
+    """--channels-last and --compile, in place (state_dict keys unchanged, so checkpoints are the same)."""
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.compile()
+    return model
+
+
 def clip_grad(params, max_norm):
     """Gradient-norm clipping as the official code does it; max_norm 0 means no clipping (in every file)."""
     if max_norm > 0:
@@ -972,10 +1048,10 @@ def clip_grad(params, max_norm):
 
 
 def train_epoch(model, data, optimizer, device, args, log, epoch):
-    """One retraining epoch: CE (+ auxiliary_weight * CE of the tower), grad-norm clip."""
+    """One retraining epoch: CE (+ auxiliary_weight * CE of the tower), grad-norm clip. Returns Progress.summary()."""
     model.train()
-    loss_sum, acc_sum, n, t0 = 0.0, 0.0, 0, time.time()
     steps = min(len(data), args.steps_per_epoch or len(data))
+    progress = Progress(log, "retrain", epoch, steps, args.report_freq, device)
     for step, (x, y) in enumerate(data):
         if step >= steps:
             break
@@ -989,11 +1065,8 @@ def train_epoch(model, data, optimizer, device, args, log, epoch):
         loss.backward()
         clip_grad(model.parameters(), args.retrain_grad_clip)
         optimizer.step()
-        loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + accuracy(logits, y), n + 1
-        if (step + 1) % args.report_freq == 0 or step + 1 == steps:
-            log.info("retrain epoch %d step %d/%d loss %.4f acc %.2f (%.3f s/step)", epoch, step + 1, steps,
-                     loss_sum / n, acc_sum / n, (time.time() - t0) / n)
-    return loss_sum / max(n, 1), acc_sum / max(n, 1)
+        progress.update(loss.item(), accuracy(logits, y))
+    return progress.summary()
 
 
 def retrain_data(args, generator, world=1, rank=0):
@@ -1031,12 +1104,17 @@ def retrain(genotype, args, device, run_dir, log, method, build=None):
         raise UsageError(f"--retrain-batch-size {args.retrain_batch_size} does not split over {world} processes")
     generator = torch.Generator().manual_seed(args.seed)
     train_data, eval_data, split, num_classes = retrain_data(args, generator, world, rank)
-    net = (build(num_classes) if build else NetworkCIFAR(args.retrain_init_channels, num_classes,
-                                                          args.retrain_layers, args.auxiliary, genotype)).to(device)
+    if build is None and isinstance(genotype, str):  # a NAS-Bench-201 arch: the benchmark's network
+        net = NB201Network(genotype, num_classes, args.retrain_init_channels, args.retrain_layers)
+    elif build is None:
+        net = NetworkCIFAR(args.retrain_init_channels, num_classes, args.retrain_layers, args.auxiliary, genotype)
+    else:
+        net = build(num_classes)
+    net = speed_up(net.to(device), args)
     params = count_parameters(net)
     log.info("retrain %s: %.3f M parameters (auxiliary head excluded)", genotype, params)
     optimizer = torch.optim.SGD(net.parameters(), args.retrain_lr, momentum=args.retrain_momentum,
-                                weight_decay=args.retrain_weight_decay)
+                                weight_decay=args.retrain_weight_decay, nesterov=args.retrain_nesterov)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.retrain_epochs, eta_min=0.0)
     start = resume_from(run_dir / "checkpoint_retrain.pt", method, generator, model=net, optimizer=optimizer,
                         scheduler=scheduler) if args.resume else 0
@@ -1051,16 +1129,16 @@ def retrain(genotype, args, device, run_dir, log, method, build=None):
         # drop-path probability ramps linearly from 0 (official train.py)
         net.drop_path_prob = args.drop_path_prob * epoch / args.retrain_epochs
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = train_epoch(model, train_data, optimizer, device, args, log, epoch)
+        train = train_epoch(model, train_data, optimizer, device, args, log, epoch)
         eval_loss, eval_acc = evaluate(net, eval_data, device, args.amp)
         scheduler.step()  # ours: at the end of the epoch (train.py steps first: its epoch 0 trains at eta(1))
         if rank != 0:
             continue
-        row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
-               f"{split}_loss": eval_loss, f"{split}_acc": eval_acc, "seconds": time.time() - t0}
+        row = {"epoch": epoch, "lr": lr, **train, f"{split}_loss": eval_loss, f"{split}_acc": eval_acc,
+               "seconds": time.time() - t0}
         history.append(row)
         append_jsonl(run_dir / "retrain_history.jsonl", row)
-        log.info("retrain epoch %d lr %.5f train_acc %.2f %s_acc %.2f %.1fs", epoch, lr, train_acc, split,
+        log.info("retrain epoch %d lr %.5f train_acc %.2f %s_acc %.2f %.1fs", epoch, lr, row["train_acc"], split,
                  eval_acc, row["seconds"])
         save_checkpoint(run_dir / "checkpoint_retrain.pt", {
             **make_checkpoint(method, epoch, args, generator, model=net, optimizer=optimizer, scheduler=scheduler),
@@ -1086,6 +1164,11 @@ def run(args, script, method, device, genotype, search, build=None):
     search(args, device, run_dir, log) -> (genotype, summary dict)."""
     if genotype is not None and args.no_retrain:
         raise UsageError("--genotype skips the search and --no-retrain skips retraining: nothing to do")
+    nb201 = getattr(args, "space", "darts") == "nb201"
+    if genotype is not None and isinstance(genotype, str) != nb201:
+        raise UsageError(f"--genotype {args.genotype}: a NAS-Bench-201 arch string needs --space nb201 and "
+                         "--space nb201 needs one" + ("" if hasattr(args, "space") else
+                                                      f"; {Path(script).stem} has no NAS-Bench-201 space"))
     check_data(args)
     rank, world, device = setup_distributed(device)
     if world > 1 and genotype is None:
@@ -1101,7 +1184,7 @@ def run(args, script, method, device, genotype, search, build=None):
     results["genotype"] = genotype_to_dict(genotype)
     if rank == 0:
         write_json(run_dir / "genotype.json", results["genotype"])
-        plot_genotype(genotype, run_dir / "genotype.png")
+        (plot_nb201_cell if isinstance(genotype, str) else plot_genotype)(genotype, run_dir / "genotype.png")
     if not args.no_retrain:
         results["retrain"] = retrain(genotype, args, device, run_dir, log, method, build)
     if rank != 0:
@@ -1367,6 +1450,14 @@ NB201_RETRAIN = {"epochs": 200, "batch_size": 256, "lr": 0.1, "lr_min": 0.0, "mo
                  "nesterov": True, "weight_decay": 5e-4, "grad_clip": None}
 
 
+# the same recipe as the retraining flags' values under --space nb201 (see recipes()); C=16, N=5 cells per stage
+NB201_RETRAIN_ARGS = {"retrain_epochs": NB201_RETRAIN["epochs"], "retrain_batch_size": NB201_RETRAIN["batch_size"],
+                      "retrain_lr": NB201_RETRAIN["lr"], "retrain_momentum": NB201_RETRAIN["momentum"],
+                      "retrain_nesterov": NB201_RETRAIN["nesterov"], "retrain_weight_decay": NB201_RETRAIN["weight_decay"],
+                      "retrain_grad_clip": 0.0, "retrain_init_channels": 16, "retrain_layers": 5, "auxiliary": False,
+                      "cutout": False, "drop_path_prob": 0.0}
+
+
 def nb201_optimizer(parameters, epochs=NB201_RETRAIN["epochs"], lr=NB201_RETRAIN["lr"],
                     weight_decay=NB201_RETRAIN["weight_decay"]):
     """SGD(momentum 0.9, Nesterov, weight decay on every parameter) and a per-epoch cosine from lr to 0:
@@ -1576,6 +1667,31 @@ def plot_genotype(genotype, path):
         ax.set_ylim(0.0, 1.0)
         ax.axis("off")
         ax.set_title(f"{cell} cell")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_nb201_cell(arch, path):
+    """Draw a NAS-Bench-201 cell: nodes 0-3 in a row, every edge j -> i with its op ('none' dashed)."""
+    plt = pyplot()
+    ops = parse_nb201_arch(arch)
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    pos = {i: (i / 3, 0.25) for i in range(NB201_NODES)}
+    for op, (to, frm) in zip(ops, NB201_EDGES):
+        rad = 0.0 if to - frm == 1 else 0.25 * (to - frm) - 0.2  # longer edges arc higher
+        ax.annotate("", xy=pos[to], xytext=pos[frm], arrowprops=dict(
+            arrowstyle="->", color="0.6" if op == "none" else "tab:blue" if "conv" in op else "tab:orange",
+            ls="--" if op == "none" else "-", lw=1.3, shrinkA=14, shrinkB=14, connectionstyle=f"arc3,rad={-rad}"))
+        x, y = (pos[frm][0] + pos[to][0]) / 2, 0.25 + rad * (pos[to][0] - pos[frm][0]) / 2  # the arc's apex
+        ax.text(x, y, op, fontsize=8, ha="center", va="center", bbox=dict(fc="white", ec="none", alpha=0.8))
+    for node, (x, y) in pos.items():
+        ax.text(x, y, str(node), ha="center", va="center", fontsize=11, bbox=dict(boxstyle="circle", fc="lightblue"))
+    ax.set_xlim(-0.1, 1.1)
+    ax.set_ylim(0.1, 0.6)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    ax.set_title(arch, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

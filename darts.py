@@ -368,7 +368,7 @@ def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, 
     architecture step on a val batch, then a weight step on the train batch (official order)."""
     model.train()
     steps = min(len(train_data), args.steps_per_epoch or len(train_data))
-    loss_sum, acc_sum, n, t0 = 0.0, 0.0, 0, time.time()
+    progress = common.Progress(log, "search", epoch, steps, args.report_freq, device)
     for step, (x, y) in enumerate(train_data):
         if step >= steps:
             break
@@ -394,11 +394,8 @@ def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, 
         loss.backward()
         common.clip_grad(model.weight_parameters(), args.grad_clip)
         w_optimizer.step()
-        loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + common.accuracy(logits, y), n + 1
-        if (step + 1) % args.report_freq == 0 or step + 1 == steps:
-            log.info("search epoch %d step %d/%d loss %.4f acc %.2f (%.3f s/step)", epoch, step + 1, steps,
-                     loss_sum / n, acc_sum / n, (time.time() - t0) / n)
-    return loss_sum / max(n, 1), acc_sum / max(n, 1), (time.time() - t0) / max(n, 1)
+        progress.update(loss.item(), common.accuracy(logits, y))
+    return progress.summary()
 
 
 def val_hessian_eigenvalue(model, val_data, device, n_batches):
@@ -423,7 +420,7 @@ def search(args, device, run_dir, log):
     train_set, num_classes, _ = common.load_dataset(args.dataset, args.data, True, args.image_size)
     train_data, val_data = common.search_loaders(train_set, args.batch_size, args.train_portion, generator,
                                                  args.workers)
-    model = Network(args.init_channels, num_classes, args.layers).to(device)
+    model = common.speed_up(Network(args.init_channels, num_classes, args.layers).to(device), args)
     log.info("supernet: %.3f M weights, alphas %s", sum(p.numel() for p in model.weight_parameters()) / 1e6,
              [tuple(a.shape) for a in model.arch_parameters()])
     w_optimizer = torch.optim.SGD(model.weight_parameters(), args.lr, momentum=args.momentum,
@@ -445,8 +442,7 @@ def search(args, device, run_dir, log):
         t0 = time.time()
         lr = w_optimizer.param_groups[0]["lr"]
         val_iter = common.forever(val_data)  # one pass of the val half per epoch at the 50/50 split
-        train_loss, train_acc, s_per_step = search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer,
-                                                         device, args, log, epoch)
+        train = search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, args, log, epoch)
         val_loss, val_acc = common.evaluate(model, val_data, device, args.amp, args.steps_per_epoch)
         scheduler.step()
         if args.hessian_eigenvalue:
@@ -458,8 +454,7 @@ def search(args, device, run_dir, log):
         # ALGO LOGIC: DARTS+: stop the search at criterion 1 or 2; this epoch's cell is the result
         stop = darts_plus_stop(alpha_history, args.stop_skip, args.stable_epochs, args.stop_min_epochs) \
             if args.early_stop else None
-        row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-               "val_acc": val_acc, "seconds": time.time() - t0, "seconds_per_step": s_per_step,
+        row = {"epoch": epoch, "lr": lr, **train, "val_loss": val_loss, "val_acc": val_acc, "seconds": time.time() - t0,
                "genotype": common.genotype_to_dict(genotype)}
         if stop:
             row["early_stop"] = stop
@@ -472,7 +467,7 @@ def search(args, device, run_dir, log):
                                                        "alpha": {"normal": model.alphas_normal.tolist(),
                                                                  "reduce": model.alphas_reduce.tolist()}})
         common.write_json(run_dir / "genotype.json", common.genotype_to_dict(genotype))
-        log.info("search epoch %d lr %.5f train_acc %.2f val_acc %.2f %.1fs", epoch, lr, train_acc, val_acc,
+        log.info("search epoch %d lr %.5f train_acc %.2f val_acc %.2f %.1fs", epoch, lr, row["train_acc"], val_acc,
                  row["seconds"])
         log.info("genotype %s", genotype)
         # TRY NOT TO MODIFY: checkpoint with everything needed to resume, alphas included

@@ -32,7 +32,7 @@ def run(tmp_path):
     return _run
 
 
-VOLATILE = {"seconds", "seconds_per_step"}  # wall-clock fields differ between two runs of one seed
+VOLATILE = {"seconds", "seconds_per_step", "step_seconds", "peak_gpu_mb"}  # wall-clock fields differ between runs
 RUN_FILES = ("search_history.jsonl", "alphas.jsonl", "retrain_history.jsonl")
 
 
