@@ -4,10 +4,11 @@ Read a method file (``darts.py``, ...) next to this one. Sections, in order:
 
   CLI           ``arg``, ``BaseArgs`` (run + retrain flags), ``parse_args``, ``UsageError``
   run folder    seeding, device, logging, atomic checkpoints, JSON helpers
-  data          CIFAR-10/100 (torchvision), ImageFolder, ``digits`` (offline, real), ``fake``
+  data          CIFAR-10/100 (torchvision), ImageNet and ImageFolder, ``digits`` (offline, real), ``fake``
   search space  ``PRIMITIVES``, ``OPS`` and the cell pieces of quark0/darts ``operations.py``
   genotypes     ``Genotype``, ``GENOTYPES`` (published cells), ``parse_genotype``
-  retraining    ``NetworkCIFAR`` (quark0/darts ``model.py``), ``train_epoch``, ``evaluate``, ``retrain``
+  retraining    ``NetworkCIFAR``, ``NetworkImageNet`` (quark0/darts ``model.py``), ``count_macs``,
+                ``train_epoch``, ``evaluate``, ``retrain``
   figures       alpha heatmaps, alpha evolution, training curves, cell drawings
 
 Facts cited as "card §x" are in ../shared/papers/darts_family.md; "official" means
@@ -312,7 +313,7 @@ def forever(loader):
 # =====================================================================================
 # Data
 # =====================================================================================
-DATASETS = ("cifar10", "cifar100", "imagefolder", "digits", "fake")
+DATASETS = ("cifar10", "cifar100", "imagenet", "imagefolder", "digits", "fake")
 CIFAR_STATS = {  # card §0.5 and §5.2
     "cifar10": ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)),
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
@@ -380,6 +381,31 @@ def _digits(train, image_size, cutout):
     return Transformed(ds, Cutout(cutout)) if train and cutout > 0 else ds
 
 
+def _imagenet(root, train, image_size):
+    """ILSVRC-2012 as torchvision's ImageFolder reads it: root/train/<wnid>/*.JPEG and
+    root/val/<wnid>/*.JPEG (the layout of pytorch/examples imagenet, which quark0/darts README
+    points to). Augmentation of official cnn/train_imagenet.py @ f276dd3 lines 112-133: train
+    RandomResizedCrop(224), RandomHorizontalFlip, ColorJitter(0.4, 0.4, 0.4, 0.2), ToTensor,
+    Normalize(ImageNet mean/std); val Resize(256), CenterCrop(224). --image-size sets the crop and
+    scales the resize by 256/224 (default 224). No cutout: the official ImageNet script has none."""
+    size = image_size or 224
+    sub = Path(root) / ("train" if train else "val")
+    if not sub.is_dir():
+        raise UsageError(f"--dataset imagenet needs {sub}/ with one sub-folder per class "
+                         "(torchvision ImageFolder layout: train/<class>/*.JPEG, val/<class>/*.JPEG)")
+    if train:
+        steps = [T.RandomResizedCrop(size), T.RandomHorizontalFlip(),
+                 T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2)]
+    else:
+        steps = [T.Resize(round(size * 256 / 224)), T.CenterCrop(size)]
+    tf = T.Compose(steps + [T.ToTensor(), T.Normalize(*IMAGENET_STATS)])
+    try:
+        ds = torchvision.datasets.ImageFolder(str(sub), transform=tf)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UsageError(f"--dataset imagenet: {sub} holds no images ({e})") from None
+    return ds, len(ds.classes), size
+
+
 def load_dataset(name, root, train, image_size=0, cutout=0):
     """Returns (dataset, num_classes, image_size). train=True gives the training set with the
     DARTS augmentation (random crop 32 pad 4, flip; cutout only when asked, i.e. retraining)."""
@@ -393,6 +419,8 @@ def load_dataset(name, root, train, image_size=0, cutout=0):
             raise UsageError(f"could not load {name} under {root!r} ({type(e).__name__}: {e}); "
                              "download it there or try --dataset digits") from None
         return ds, len(ds.classes), size
+    if name == "imagenet":  # official ImageNet augmentation; cutout is not part of it
+        return _imagenet(root, train, image_size)
     if name == "imagefolder":
         sub = Path(root) / ("train" if train else "val")
         if not sub.is_dir() and not train and (Path(root) / "test").is_dir():
@@ -547,6 +575,14 @@ GENOTYPES = {  # verbatim from the official repos (card §6; other_methods.md §
         reduce=[("sep_conv_5x5", 1), ("max_pool_3x3", 0), ("sep_conv_5x5", 1), ("sep_conv_5x5", 2),
                 ("sep_conv_3x3", 0), ("sep_conv_3x3", 3), ("sep_conv_3x3", 1), ("sep_conv_3x3", 2)],
         reduce_concat=[2, 3, 4, 5]),
+    "PC_DARTS_ImageNet": Genotype(  # yuhuixu1993/PC-DARTS genotypes.py PC_DARTS_image: searched on
+        # ImageNet itself (its README's 24.2 % top-1 error); PC_DARTS above is the CIFAR-10 cell
+        normal=[("skip_connect", 1), ("sep_conv_3x3", 0), ("sep_conv_3x3", 0), ("skip_connect", 1),
+                ("sep_conv_3x3", 1), ("sep_conv_3x3", 3), ("sep_conv_3x3", 1), ("dil_conv_5x5", 4)],
+        normal_concat=[2, 3, 4, 5],
+        reduce=[("sep_conv_3x3", 0), ("skip_connect", 1), ("dil_conv_5x5", 2), ("max_pool_3x3", 1),
+                ("sep_conv_3x3", 2), ("sep_conv_3x3", 1), ("sep_conv_5x5", 0), ("sep_conv_3x3", 3)],
+        reduce_concat=[2, 3, 4, 5]),
     "PDARTS": Genotype(  # chenxin061/pdarts genotypes.py
         normal=[("skip_connect", 0), ("dil_conv_3x3", 1), ("skip_connect", 0), ("sep_conv_3x3", 1),
                 ("sep_conv_3x3", 1), ("sep_conv_3x3", 3), ("sep_conv_3x3", 0), ("dil_conv_5x5", 4)],
@@ -667,7 +703,7 @@ def genotype_to_dict(g):
 
 
 # =====================================================================================
-# Retraining network (official model.py NetworkCIFAR)
+# Retraining network (official model.py NetworkCIFAR, NetworkImageNet)
 # =====================================================================================
 def drop_path(x, drop_prob):
     """Drop a whole op output per sample with prob p, scale survivors by 1/(1-p)."""
@@ -758,6 +794,98 @@ class NetworkCIFAR(nn.Module):
 def count_parameters(model, exclude="auxiliary"):
     """Parameters in millions, the auxiliary head excluded (official count_parameters_in_MB)."""
     return sum(p.numel() for n, p in model.named_parameters() if exclude not in n) / 1e6
+
+
+class AuxiliaryHeadImageNet(nn.Module):
+    """The ImageNet tower (official model.py AuxiliaryHeadImageNet). It reads the output of the
+    second reduction cell, which is 7x7 at 224 px (the official docstring says 14x14, but the
+    tower sits after cell 2*layers//3, the second reduction); avg pool 5 stride 2 gives 2x2 there.
+    quark0/darts and PC-DARTS drop the BatchNorm after the 768-channel conv ("omitted ... due to a
+    typo", kept for the paper's numbers); chenxin061/pdarts model.py keeps it: batchnorm=True.
+    Other input sizes (small test images) are pooled adaptively to the same 2x2."""
+
+    def __init__(self, C, num_classes, batchnorm=False):
+        super().__init__()
+        self.pool = nn.AvgPool2d(5, stride=2, padding=0, count_include_pad=False)
+        self.features = nn.Sequential(
+            nn.Conv2d(C, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
+            nn.Conv2d(128, 768, 2, bias=False), *([nn.BatchNorm2d(768)] if batchnorm else []), nn.ReLU(inplace=True))
+        self.classifier = nn.Linear(768, num_classes)
+
+    def forward(self, x):
+        x = F.relu(x)
+        x = F.adaptive_avg_pool2d(self.pool(x) if x.shape[-1] >= 5 else x, 2)  # (B, C, 2, 2); a no-op at 224 px
+        return self.classifier(self.features(x).flatten(1))  # (B, 768) -> (B, num_classes)
+
+
+class NetworkImageNet(nn.Module):
+    """The mobile-setting network of official model.py NetworkImageNet (train_imagenet.py: 14 cells,
+    C=48): stem0 = conv3x3 s2 (3 -> C/2), BN, ReLU, conv3x3 s2 (-> C), BN; stem1 = ReLU, conv3x3 s2,
+    BN (224 -> 112 -> 56 -> 28 px); the first cell reads (stem0, stem1) with reduction_prev=True,
+    so its c_{k-2} input is halved by FactorizedReduce; reduction cells at 1/3 and 2/3 (28 -> 14
+    -> 7 px); global average pool, linear. forward returns (logits, aux_logits) as NetworkCIFAR.
+    The official global pool is AvgPool2d(7), i.e. the global mean at 224 px; the adaptive pool
+    here is the same there and also runs at other sizes."""
+
+    def __init__(self, C, num_classes, layers, auxiliary, genotype, aux_batchnorm=False):
+        super().__init__()
+        self.drop_path_prob = 0.0
+        self.stem0 = nn.Sequential(
+            nn.Conv2d(3, C // 2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(C // 2), nn.ReLU(inplace=True),
+            nn.Conv2d(C // 2, C, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(C))
+        self.stem1 = nn.Sequential(
+            nn.ReLU(inplace=False), nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(C))
+        C_prev_prev, C_prev, C_curr = C, C, C
+        self.cells = nn.ModuleList()
+        self.aux_index = 2 * layers // 3
+        reduction_prev = True  # stem0 (56 px) is twice the size of stem1 (28 px)
+        for i in range(layers):
+            reduction = i in reduction_layers(layers)
+            C_curr = C_curr * 2 if reduction else C_curr
+            cell = Cell(genotype, C_prev_prev, C_prev, C_curr, reduction, reduction_prev)
+            self.cells.append(cell)
+            reduction_prev = reduction
+            C_prev_prev, C_prev = C_prev, cell.multiplier * C_curr
+            if i == self.aux_index:
+                C_aux = C_prev
+        self.auxiliary_head = AuxiliaryHeadImageNet(C_aux, num_classes, aux_batchnorm) if auxiliary else None
+        self.classifier = nn.Linear(C_prev, num_classes)
+
+    def forward(self, x):
+        logits_aux = None
+        s0 = self.stem0(x)  # (B, C, H/4, W/4)
+        s1 = self.stem1(s0)  # (B, C, H/8, W/8)
+        for i, cell in enumerate(self.cells):
+            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
+            if i == self.aux_index and self.auxiliary_head is not None and self.training:
+                logits_aux = self.auxiliary_head(s1)
+        return self.classifier(F.adaptive_avg_pool2d(s1, 1).flatten(1)), logits_aux
+
+
+def make_network(dataset, C, num_classes, layers, auxiliary, genotype):
+    """The retraining network for a dataset: NetworkImageNet for --dataset imagenet (official
+    train_imagenet.py), NetworkCIFAR (stride-1 stem) for the others."""
+    net = NetworkImageNet if dataset == "imagenet" else NetworkCIFAR
+    return net(C, num_classes, layers, auxiliary, genotype)
+
+
+@torch.no_grad()
+def count_macs(model, image_size):
+    """Multiply-accumulates (millions) of one eval-mode forward of a (1, 3, image_size, image_size)
+    image, auxiliary tower off: the papers' "multiply-adds". torch.utils.flop_counter.FlopCounterMode
+    counts 2 FLOPs per MAC of every conv / matmul and nothing for BN, ReLU, pooling or node sums, so
+    MACs = FLOPs / 2 = conv + linear MACs, the convention of GDAS's own counter (AutoDL
+    flop_benchmark.py); the other papers' figures are 2.6-19 % higher (tests/test_imagenet.py)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(iter(model.parameters()), None)
+    was_training, device = model.training, param.device if param is not None else "cpu"
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(1, 3, image_size, image_size, device=device))
+    model.train(was_training)
+    return counter.get_total_flops() / 2 / 1e6
 
 
 # =====================================================================================
