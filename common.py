@@ -4,10 +4,11 @@ Read a method file (``darts.py``, ...) next to this one. Sections, in order:
 
   CLI           ``arg``, ``BaseArgs`` (run + retrain flags), ``parse_args``, ``UsageError``
   run folder    seeding, device, logging, atomic checkpoints, JSON helpers
-  data          CIFAR-10/100 (torchvision), ImageFolder, ``digits`` (offline, real), ``fake``
+  data          CIFAR-10/100 (torchvision), ImageNet and ImageFolder, ``digits`` (offline, real), ``fake``
   search space  ``PRIMITIVES``, ``OPS`` and the cell pieces of quark0/darts ``operations.py``
   genotypes     ``Genotype``, ``GENOTYPES`` (published cells), ``parse_genotype``
-  retraining    ``NetworkCIFAR`` (quark0/darts ``model.py``), ``train_epoch``, ``evaluate``, ``retrain``
+  retraining    ``NetworkCIFAR``, ``NetworkImageNet`` (quark0/darts ``model.py``), ``count_macs``,
+                ``train_epoch``, ``evaluate``, ``retrain``
   pipeline      ``prepare`` and ``run``: what every method file's main() does around its search
   figures       alpha heatmaps, alpha evolution, training curves, cell drawings
 
@@ -32,6 +33,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -83,7 +85,7 @@ def in_range(value, check):
     return False
 
 
-DATASETS = ("cifar10", "cifar100", "imagefolder", "digits", "fake")
+DATASETS = ("cifar10", "cifar100", "imagenet", "imagefolder", "digits", "fake")
 
 
 def flag(name):
@@ -102,7 +104,8 @@ class BaseArgs:
                               "(a GPU speed switch; bench.py measures it)", "run")
     compile: bool = arg(False, "torch.compile the forward of the supernet and the retrained network "
                         "(nn.Module.compile; the first steps compile, later ones are faster)", "run")
-    dataset: str = arg("cifar10", " | ".join(DATASETS), "run", DATASETS)
+    dataset: str = arg("cifar10", " | ".join(DATASETS) + " (imagenet: torchvision's train/ and val/ folders, "
+                       "retrained in the mobile setting with train_imagenet.py's recipe)", "run", DATASETS)
     data: str = arg("./data", "dataset root (imagefolder: a folder with train/ and val/)", "run")
     image_size: int = arg(0, "input size, at least 8; 0 = the dataset's own (32 CIFAR, 8 digits)", "run",
                           "0 or >=8")
@@ -120,7 +123,16 @@ class BaseArgs:
     # --- retrain: DARTS protocol, cnn/train.py with --auxiliary --cutout ---
     retrain_epochs: int = arg(600, "train.py --epochs 600 (--no-retrain skips retraining)", "retrain", ">=1")
     retrain_batch_size: int = arg(96, "train.py --batch_size 96", "retrain", ">=2")
-    retrain_lr: float = arg(0.025, "train.py --learning_rate 0.025, cosine to 0", "retrain", ">0")
+    retrain_lr: float = arg(0.025, "train.py --learning_rate 0.025", "retrain", ">0")
+    retrain_schedule: str = arg("cosine", "lr per epoch: cosine to 0 (train.py) | step: x --retrain-gamma every epoch "
+                                "(train_imagenet.py StepLR) | linear to 0, slower in the last 5 epochs (PC-DARTS "
+                                "and P-DARTS train_imagenet.py adjust_lr)", "retrain", ("cosine", "step", "linear"))
+    retrain_gamma: float = arg(0.97, "lr factor per epoch of --retrain-schedule step (train_imagenet.py --gamma)",
+                               "retrain", "(0,1]")
+    retrain_warmup_epochs: int = arg(0, "the first N epochs run at lr * (epoch + 1) / N instead (PC-DARTS "
+                                     "train_imagenet.py lines 156-159, batch > 256)", "retrain", ">=0")
+    label_smoothing: float = arg(0.0, "label smoothing of the training loss, auxiliary loss included "
+                                 "(train_imagenet.py --label_smooth)", "retrain", "[0,1)")
     retrain_momentum: float = arg(0.9, "train.py --momentum 0.9", "retrain", "[0,1)")
     retrain_nesterov: bool = arg(False, "Nesterov momentum (train.py: off; the NAS-Bench-201 recipe: on)", "retrain")
     retrain_weight_decay: float = arg(3e-4, "train.py --weight_decay 3e-4", "retrain", ">=0")
@@ -129,6 +141,8 @@ class BaseArgs:
                               "fewer cells have no normal cell; NAS-Bench-201: N, cells per stage)", "retrain", ">=3")
     auxiliary: bool = arg(True, "auxiliary tower (paper: on; official flag default off)", "retrain")
     auxiliary_weight: float = arg(0.4, "train.py --auxiliary_weight 0.4", "retrain", ">=0")
+    aux_batchnorm: bool = arg(False, "ImageNet auxiliary head: BatchNorm after its 768-channel conv (the P-DARTS, "
+                              "SNAS and AutoDL heads; quark0/darts model.py has none)", "retrain")
     cutout: bool = arg(True, "cutout (paper: on; official flag default off)", "retrain")
     cutout_length: int = arg(16, "train.py --cutout_length 16 (at 32 px; scaled to the image size)", "retrain",
                              ">=1")
@@ -176,10 +190,12 @@ def parse_args(args_cls, argv=None):
 
 
 def recipes(args_cls):
-    """The defaults that another setting brings ({"--space nb201": {field: value}}): a method file's Args may
-    define NB201 (its NAS-Bench-201 search protocol) as a class attribute; NB201_RETRAIN_ARGS holds the
-    benchmark's retraining recipe for every method with a `space` flag."""
+    """The defaults that another setting brings ({"--dataset imagenet": {field: value}, ...}): a method
+    file's Args may define IMAGENET (its official ImageNet retraining, overriding IMAGENET_RETRAIN_ARGS,
+    which is DARTS's) and NB201 (its NAS-Bench-201 search protocol) as class attributes; NB201_RETRAIN_ARGS
+    holds the benchmark's retraining recipe for every method with a `space` flag."""
     out = {}
+    out["--dataset imagenet"] = {**IMAGENET_RETRAIN_ARGS, **getattr(args_cls, "IMAGENET", {})}
     if any(f.name == "space" for f in dataclasses.fields(args_cls)):
         out["--space nb201"] = {**NB201_RETRAIN_ARGS, **getattr(args_cls, "NB201", {})}
     return out
@@ -189,11 +205,19 @@ def apply_recipes(args):
     """Give every field of the recipes that apply (recipes()) its recipe value, unless its flag was typed."""
     typed = getattr(args, "typed", None)
     defaults = {f.name: f.default for f in dataclasses.fields(args)}
-    active = {"--space nb201": getattr(args, "space", "darts") == "nb201"}
+    active = {"--dataset imagenet": args.dataset == "imagenet", "--space nb201": getattr(args, "space", "darts") == "nb201"}
     for when, recipe in recipes(type(args)).items():
         for name, value in recipe.items() if active[when] else ():
             if (name not in typed) if typed is not None else getattr(args, name) == defaults[name]:
                 setattr(args, name, value)
+
+
+# quark0/darts cnn/train_imagenet.py: the mobile setting (14 cells, C=48) and its recipe, lines 24-42; its
+# --auxiliary flag is off by default but the README command passes it; drop path 0 (line 35); no cutout.
+IMAGENET_RETRAIN_ARGS = {"retrain_epochs": 250, "retrain_batch_size": 128, "retrain_lr": 0.1, "retrain_momentum": 0.9,
+                         "retrain_weight_decay": 3e-5, "retrain_schedule": "step", "retrain_gamma": 0.97,
+                         "label_smoothing": 0.1, "auxiliary": True, "auxiliary_weight": 0.4, "drop_path_prob": 0.0,
+                         "retrain_grad_clip": 5.0, "retrain_init_channels": 48, "retrain_layers": 14, "cutout": False}
 
 
 def check_args(args):
@@ -533,6 +557,31 @@ def _digits(train, image_size, cutout):
     return Transformed(ds, Cutout(cutout)) if cutout > 0 else ds
 
 
+def _imagenet(root, train, image_size, augment):
+    """ILSVRC-2012 as torchvision's ImageFolder reads it: root/train/<wnid>/*.JPEG and
+    root/val/<wnid>/*.JPEG (the layout of pytorch/examples imagenet, which quark0/darts README
+    points to). Augmentation of official cnn/train_imagenet.py @ f276dd3 lines 112-133: train
+    RandomResizedCrop(224), RandomHorizontalFlip, ColorJitter(0.4, 0.4, 0.4, 0.2), ToTensor,
+    Normalize(ImageNet mean/std); val Resize(256), CenterCrop(224). --image-size sets the crop and
+    scales the resize by 256/224 (default 224). No cutout: the official ImageNet script has none."""
+    size = image_size or 224
+    sub = Path(root) / ("train" if train else "val")
+    if not sub.is_dir():
+        raise UsageError(f"--dataset imagenet needs {sub}/ with one sub-folder per class "
+                         "(torchvision ImageFolder layout: train/<class>/*.JPEG, val/<class>/*.JPEG)")
+    if augment:
+        steps = [T.RandomResizedCrop(size), T.RandomHorizontalFlip(),
+                 T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2)]
+    else:
+        steps = [T.Resize(round(size * 256 / 224)), T.CenterCrop(size)]
+    tf = T.Compose(steps + [T.ToTensor(), T.Normalize(*IMAGENET_STATS)])
+    try:
+        ds = torchvision.datasets.ImageFolder(str(sub), transform=tf, loader=read_image)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UsageError(f"--dataset imagenet: {sub} holds no images ({e})") from None
+    return ds, len(ds.classes), size
+
+
 def read_image(path):
     """ImageFolder's loader, naming the file it cannot read (a corrupt or truncated image)."""
     from PIL import Image
@@ -560,6 +609,8 @@ def load_dataset(name, root, train, image_size=0, cutout=0, augment=None):
             raise UsageError(f"could not load {name} under {root!r} ({type(e).__name__}: {e}); "
                              "download it there or try --dataset digits") from None
         return ds, len(ds.classes), size
+    if name == "imagenet":  # official ImageNet augmentation; cutout is not part of it
+        return _imagenet(root, train, image_size, augment)
     if name == "imagefolder":
         sub = Path(root) / ("train" if train else "val")
         if not sub.is_dir() and not train and (Path(root) / "test").is_dir():
@@ -735,6 +786,14 @@ GENOTYPES = {  # verbatim from the official repos' genotypes.py (quark0/darts cn
         reduce=[("sep_conv_5x5", 1), ("max_pool_3x3", 0), ("sep_conv_5x5", 1), ("sep_conv_5x5", 2),
                 ("sep_conv_3x3", 0), ("sep_conv_3x3", 3), ("sep_conv_3x3", 1), ("sep_conv_3x3", 2)],
         reduce_concat=[2, 3, 4, 5]),
+    "PC_DARTS_ImageNet": Genotype(  # yuhuixu1993/PC-DARTS genotypes.py PC_DARTS_image: searched on
+        # ImageNet itself (its README's 24.2 % top-1 error); PC_DARTS above is the CIFAR-10 cell
+        normal=[("skip_connect", 1), ("sep_conv_3x3", 0), ("sep_conv_3x3", 0), ("skip_connect", 1),
+                ("sep_conv_3x3", 1), ("sep_conv_3x3", 3), ("sep_conv_3x3", 1), ("dil_conv_5x5", 4)],
+        normal_concat=[2, 3, 4, 5],
+        reduce=[("sep_conv_3x3", 0), ("skip_connect", 1), ("dil_conv_5x5", 2), ("max_pool_3x3", 1),
+                ("sep_conv_3x3", 2), ("sep_conv_3x3", 1), ("sep_conv_5x5", 0), ("sep_conv_3x3", 3)],
+        reduce_concat=[2, 3, 4, 5]),
     "PDARTS": Genotype(  # chenxin061/pdarts genotypes.py
         normal=[("skip_connect", 0), ("dil_conv_3x3", 1), ("skip_connect", 0), ("sep_conv_3x3", 1),
                 ("sep_conv_3x3", 1), ("sep_conv_3x3", 3), ("sep_conv_3x3", 0), ("dil_conv_5x5", 4)],
@@ -878,7 +937,7 @@ def genotype_to_dict(g):
 
 
 # =====================================================================================
-# Retraining network (official model.py NetworkCIFAR)
+# Retraining network (official model.py NetworkCIFAR, NetworkImageNet)
 # =====================================================================================
 def drop_path(x, drop_prob):
     """Drop a whole op output per sample with prob p, scale survivors by 1/(1-p)."""
@@ -973,6 +1032,91 @@ def count_parameters(model, exclude="auxiliary"):
     return sum(p.numel() for n, p in model.named_parameters() if exclude not in n) / 1e6
 
 
+class AuxiliaryHeadImageNet(nn.Module):
+    """The ImageNet tower (official model.py AuxiliaryHeadImageNet). It reads the output of the
+    second reduction cell, which is 7x7 at 224 px (the official docstring says 14x14, but the
+    tower sits after cell 2*layers//3, the second reduction); avg pool 5 stride 2 gives 2x2 there.
+    quark0/darts and PC-DARTS drop the BatchNorm after the 768-channel conv ("omitted ... due to a
+    typo", kept for the paper's numbers); chenxin061/pdarts model.py keeps it: batchnorm=True.
+    Other input sizes (small test images) are pooled adaptively to the same 2x2."""
+
+    def __init__(self, C, num_classes, batchnorm=False):
+        super().__init__()
+        self.pool = nn.AvgPool2d(5, stride=2, padding=0, count_include_pad=False)
+        self.features = nn.Sequential(
+            nn.Conv2d(C, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
+            nn.Conv2d(128, 768, 2, bias=False), *([nn.BatchNorm2d(768)] if batchnorm else []), nn.ReLU(inplace=True))
+        self.classifier = nn.Linear(768, num_classes)
+
+    def forward(self, x):
+        x = F.relu(x)
+        x = F.adaptive_avg_pool2d(self.pool(x) if x.shape[-1] >= 5 else x, 2)  # (B, C, 2, 2); a no-op at 224 px
+        return self.classifier(self.features(x).flatten(1))  # (B, 768) -> (B, num_classes)
+
+
+class NetworkImageNet(nn.Module):
+    """The mobile-setting network of official model.py NetworkImageNet (train_imagenet.py: 14 cells,
+    C=48): stem0 = conv3x3 s2 (3 -> C/2), BN, ReLU, conv3x3 s2 (-> C), BN; stem1 = ReLU, conv3x3 s2,
+    BN (224 -> 112 -> 56 -> 28 px); the first cell reads (stem0, stem1) with reduction_prev=True,
+    so its c_{k-2} input is halved by FactorizedReduce; reduction cells at 1/3 and 2/3 (28 -> 14
+    -> 7 px); global average pool, linear. forward returns (logits, aux_logits) as NetworkCIFAR.
+    The official global pool is AvgPool2d(7), i.e. the global mean at 224 px; the adaptive pool
+    here is the same there and also runs at other sizes."""
+
+    def __init__(self, C, num_classes, layers, auxiliary, genotype, aux_batchnorm=False):
+        super().__init__()
+        self.drop_path_prob = 0.0
+        self.stem0 = nn.Sequential(
+            nn.Conv2d(3, C // 2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(C // 2), nn.ReLU(inplace=True),
+            nn.Conv2d(C // 2, C, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(C))
+        self.stem1 = nn.Sequential(
+            nn.ReLU(inplace=False), nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(C))
+        C_prev_prev, C_prev, C_curr = C, C, C
+        self.cells = nn.ModuleList()
+        self.aux_index = 2 * layers // 3
+        reduction_prev = True  # stem0 (56 px) is twice the size of stem1 (28 px)
+        for i in range(layers):
+            reduction = i in reduction_layers(layers)
+            C_curr = C_curr * 2 if reduction else C_curr
+            cell = Cell(genotype, C_prev_prev, C_prev, C_curr, reduction, reduction_prev)
+            self.cells.append(cell)
+            reduction_prev = reduction
+            C_prev_prev, C_prev = C_prev, cell.multiplier * C_curr
+            if i == self.aux_index:
+                C_aux = C_prev
+        self.auxiliary_head = AuxiliaryHeadImageNet(C_aux, num_classes, aux_batchnorm) if auxiliary else None
+        self.classifier = nn.Linear(C_prev, num_classes)
+
+    def forward(self, x):
+        logits_aux = None
+        s0 = self.stem0(x)  # (B, C, H/4, W/4)
+        s1 = self.stem1(s0)  # (B, C, H/8, W/8)
+        for i, cell in enumerate(self.cells):
+            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
+            if i == self.aux_index and self.auxiliary_head is not None and self.training:
+                logits_aux = self.auxiliary_head(s1)
+        return self.classifier(F.adaptive_avg_pool2d(s1, 1).flatten(1)), logits_aux
+
+
+@torch.no_grad()
+def count_macs(model, image_size):
+    """Multiply-accumulates (millions) of one eval-mode forward of a (1, 3, image_size, image_size)
+    image, auxiliary tower off: the papers' "multiply-adds". torch.utils.flop_counter.FlopCounterMode
+    counts 2 FLOPs per MAC of every conv / matmul and nothing for BN, ReLU, pooling or node sums, so
+    MACs = FLOPs / 2 = conv + linear MACs, the convention of GDAS's own counter (AutoDL
+    flop_benchmark.py); the other papers' figures are 2.6-19 % higher (tests/test_imagenet.py)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(iter(model.parameters()), None)
+    was_training, device = model.training, param.device if param is not None else "cpu"
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(1, 3, image_size, image_size, device=device))
+    model.train(was_training)
+    return counter.get_total_flops() / 2 / 1e6
+
+
 # =====================================================================================
 # Train / eval loops
 # =====================================================================================
@@ -985,10 +1129,11 @@ def autocast(device, enabled):
 
 
 @torch.no_grad()
-def evaluate(model, data, device, amp=False, max_steps=0):
-    """Mean loss and top-1 accuracy (%) over a loader; models may return (logits, aux)."""
+def evaluate(model, data, device, amp=False, max_steps=0, top5=False):
+    """Mean loss and top-1 accuracy (%) over a loader (and top-5 accuracy with top5=True); models may
+    return (logits, aux)."""
     model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
+    loss_sum, correct, correct5, n = 0.0, 0, 0, 0
     for step, (x, y) in enumerate(data):
         if max_steps and step >= max_steps:
             break
@@ -998,8 +1143,11 @@ def evaluate(model, data, device, amp=False, max_steps=0):
         logits = (out[0] if isinstance(out, tuple) else out).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
+        if top5:
+            correct5 += (logits.topk(min(5, logits.shape[1]), 1).indices == y[:, None]).any(1).sum().item()
         n += y.numel()
-    return loss_sum / max(n, 1), 100.0 * correct / max(n, 1)
+    out = loss_sum / max(n, 1), 100.0 * correct / max(n, 1)
+    return (*out, 100.0 * correct5 / max(n, 1)) if top5 else out
 
 
 class Progress:
@@ -1059,14 +1207,37 @@ def train_epoch(model, data, optimizer, device, args, log, epoch):
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, args.amp):
             logits, logits_aux = model(x)
-            loss = F.cross_entropy(logits.float(), y)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
             if logits_aux is not None:
-                loss = loss + args.auxiliary_weight * F.cross_entropy(logits_aux.float(), y)
+                loss = loss + args.auxiliary_weight * F.cross_entropy(logits_aux.float(), y,
+                                                                      label_smoothing=args.label_smoothing)
         loss.backward()
         clip_grad(model.parameters(), args.retrain_grad_clip)
         optimizer.step()
         progress.update(loss.item(), accuracy(logits, y))
     return progress.summary()
+
+
+def retrain_scheduler(optimizer, args):
+    """The lr of each retraining epoch, stepped at its end (common.py Deviation C1): cosine to 0 (train.py),
+    step = lr0 gamma^e (train_imagenet.py StepLR(1, 0.97)), or PC-DARTS's linear rule lr0 (E-5-e)/(E-5), and
+    lr0 (E-e)/(5 (E-5)) in the last 5 epochs (train_imagenet.py adjust_lr, lines 186-194); a warm-up replaces
+    the first W epochs by lr0 (e+1)/W (lines 156-159)."""
+    E, W = args.retrain_epochs, args.retrain_warmup_epochs
+    if args.retrain_schedule == "cosine" and W == 0:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, E, eta_min=0.0)
+
+    def factor(e):
+        if e < W:
+            return (e + 1) / W
+        if args.retrain_schedule == "step":
+            return args.retrain_gamma ** e
+        if args.retrain_schedule == "linear":
+            last = max(E - 5, 1)
+            return (E - 5 - e) / last if E - e > 5 else (E - e) / (last * 5)
+        return 0.5 * (1 + math.cos(math.pi * e / E))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def retrain_data(args, generator, world=1, rank=0):
@@ -1089,7 +1260,8 @@ def retrain_data(args, generator, world=1, rank=0):
         (eval_set, _, _), name = load_dataset(args.dataset, args.data, False, args.image_size), "test"
     sampler = torch.utils.data.DistributedSampler(train_set, world, rank, seed=args.seed) if world > 1 else None
     train_data = loader(train_set, args.retrain_batch_size // world, True, generator, args.workers, sampler=sampler)
-    return train_data, loader(eval_set, args.retrain_batch_size, False, generator, args.workers), name, num_classes
+    eval_data = loader(eval_set, args.retrain_batch_size, False, generator, args.workers)
+    return train_data, eval_data, name, num_classes, size
 
 
 def retrain(genotype, args, device, run_dir, log, method, build=None):
@@ -1103,19 +1275,24 @@ def retrain(genotype, args, device, run_dir, log, method, build=None):
     if args.retrain_batch_size % world:
         raise UsageError(f"--retrain-batch-size {args.retrain_batch_size} does not split over {world} processes")
     generator = torch.Generator().manual_seed(args.seed)
-    train_data, eval_data, split, num_classes = retrain_data(args, generator, world, rank)
+    train_data, eval_data, split, num_classes, size = retrain_data(args, generator, world, rank)
     if build is None and isinstance(genotype, str):  # a NAS-Bench-201 arch: the benchmark's network
         net = NB201Network(genotype, num_classes, args.retrain_init_channels, args.retrain_layers)
+    elif build is None and args.dataset == "imagenet":  # the mobile setting of train_imagenet.py
+        net = NetworkImageNet(args.retrain_init_channels, num_classes, args.retrain_layers, args.auxiliary, genotype,
+                              args.aux_batchnorm)
     elif build is None:
         net = NetworkCIFAR(args.retrain_init_channels, num_classes, args.retrain_layers, args.auxiliary, genotype)
     else:
         net = build(num_classes)
-    net = speed_up(net.to(device), args)
-    params = count_parameters(net)
-    log.info("retrain %s: %.3f M parameters (auxiliary head excluded)", genotype, params)
+    net.to(device)
+    params, macs = count_parameters(net), count_macs(net, size)
+    net = speed_up(net, args)
+    log.info("retrain %s: %.3f M parameters (auxiliary head excluded), %.1f M multiply-adds at %d px", genotype,
+             params, macs, size)
     optimizer = torch.optim.SGD(net.parameters(), args.retrain_lr, momentum=args.retrain_momentum,
                                 weight_decay=args.retrain_weight_decay, nesterov=args.retrain_nesterov)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.retrain_epochs, eta_min=0.0)
+    scheduler = retrain_scheduler(optimizer, args)
     start = resume_from(run_dir / "checkpoint_retrain.pt", method, generator, model=net, optimizer=optimizer,
                         scheduler=scheduler) if args.resume else 0
     history = keep_jsonl(run_dir / "retrain_history.jsonl", start) if args.resume and rank == 0 else []
@@ -1130,12 +1307,13 @@ def retrain(genotype, args, device, run_dir, log, method, build=None):
         net.drop_path_prob = args.drop_path_prob * epoch / args.retrain_epochs
         lr = optimizer.param_groups[0]["lr"]
         train = train_epoch(model, train_data, optimizer, device, args, log, epoch)
-        eval_loss, eval_acc = evaluate(net, eval_data, device, args.amp)
+        top5 = args.dataset == "imagenet"  # train_imagenet.py logs valid_acc_top5 (line 154)
+        eval_loss, eval_acc, *eval_acc5 = evaluate(net, eval_data, device, args.amp, top5=top5)
         scheduler.step()  # ours: at the end of the epoch (train.py steps first: its epoch 0 trains at eta(1))
         if rank != 0:
             continue
         row = {"epoch": epoch, "lr": lr, **train, f"{split}_loss": eval_loss, f"{split}_acc": eval_acc,
-               "seconds": time.time() - t0}
+               **({f"{split}_acc_top5": eval_acc5[0]} if top5 else {}), "seconds": time.time() - t0}
         history.append(row)
         append_jsonl(run_dir / "retrain_history.jsonl", row)
         log.info("retrain epoch %d lr %.5f train_acc %.2f %s_acc %.2f %.1fs", epoch, lr, row["train_acc"], split,
@@ -1150,7 +1328,9 @@ def retrain(genotype, args, device, run_dir, log, method, build=None):
         return None
     plot_curves(history, ["train_acc", f"{split}_acc"], run_dir / "retrain_curves.png", "retraining")
     # the result is the last epoch's accuracy: no epoch is picked on the test set
-    return {"genotype": genotype_to_dict(genotype), "params_M": params, f"{split}_acc": history[-1][f"{split}_acc"],
+    last = history[-1]
+    return {"genotype": genotype_to_dict(genotype), "params_M": params, "macs_M": macs, "image_size": size,
+            f"{split}_acc": last[f"{split}_acc"], **{k: v for k, v in last.items() if k.endswith("_top5")},
             "retrain_epochs": args.retrain_epochs, "processes": world}
 
 
