@@ -16,7 +16,7 @@ import torch.nn as nn
 import common
 import p_darts
 from common import PRIMITIVES, UsageError
-from conftest import ROOT, read_jsonl, run_script
+from conftest import ROOT, VOLATILE, read_jsonl, run_script
 
 # 3 stages of 2 epochs (alpha on from epoch 1), 3 / 4 / 5 cells, on 8x8 fake images: seconds on CPU
 FAKE = ["--device", "cpu", "--workers", "0", "--dataset", "fake", "--image-size", "8", "--epochs", "2",
@@ -32,7 +32,7 @@ IDX = {p: i for i, p in enumerate(PRIMITIVES)}
 def drop_seconds(obj):
     """Everything but wall-clock fields, recursively."""
     if isinstance(obj, dict):
-        return {k: drop_seconds(v) for k, v in obj.items() if k not in ("seconds", "seconds_per_step")}
+        return {k: drop_seconds(v) for k, v in obj.items() if k not in VOLATILE}
     return [drop_seconds(v) for v in obj] if isinstance(obj, list) else obj
 
 
