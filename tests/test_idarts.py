@@ -13,6 +13,7 @@ import common
 import darts
 import idarts
 from common import PRIMITIVES
+import conftest
 from conftest import TINY, kill_resume_and_compare, read_jsonl, run_script
 
 # TINY with a smaller supernet (8 px, C = 2) and fewer steps: the double backward is slow on CPU
@@ -293,7 +294,7 @@ def test_digits_search_then_retrain_learns(run):
     assert results["retrain"]["test_acc"] > 90, results["retrain"]
 
 
-VOLATILE = {"seconds", "seconds_per_step", "seconds_per_hypergradient"}
+VOLATILE = conftest.VOLATILE | {"seconds_per_hypergradient"}
 
 
 @pytest.mark.slow  # about 21 s on 2 shared CPU cores

@@ -22,9 +22,10 @@ import common
 import darts
 import pc_darts
 from common import PRIMITIVES
+import conftest
 from conftest import ROOT, TINY, kill_resume_and_compare, read_jsonl, run_script
 
-VOLATILE = {"seconds", "seconds_per_step", "peak_memory_MB"}  # differ between two runs of one seed
+VOLATILE = conftest.VOLATILE | {"peak_memory_MB"}  # differ between two runs of one seed
 
 
 # ----------------------------------------------------------------------------------------
