@@ -1206,7 +1206,8 @@ def train_epoch(model, data, optimizer, device, args, log, epoch):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, args.amp):
-            logits, logits_aux = model(x)
+            out = model(x)
+            logits, logits_aux = out if isinstance(out, tuple) else (out, None)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
             if logits_aux is not None:
                 loss = loss + args.auxiliary_weight * F.cross_entropy(logits_aux.float(), y,
@@ -1266,8 +1267,9 @@ def retrain_data(args, generator, world=1, rank=0):
 
 def retrain(genotype, args, device, run_dir, log, method, build=None):
     """Train `genotype` from scratch with the DARTS protocol and report the final accuracy on the test
-    set (or on held-out training images, --retrain-val-portion). `build(num_classes)` makes the network
-    (default: NetworkCIFAR from the retrain flags). Writes retrain_history.jsonl and checkpoint_retrain.pt
+    set (or on held-out training images, --retrain-val-portion). `build(num_classes, image_size)` makes the
+    network (default: NB201Network for an NB-201 arch string, NetworkImageNet for --dataset imagenet, else
+    NetworkCIFAR, from the retrain flags); it may return logits or (logits, aux_logits). Writes retrain_history.jsonl and checkpoint_retrain.pt
     every epoch (resumed by --resume) and retrain_curves.png. Under torchrun: DistributedDataParallel,
     --retrain-batch-size is the global batch split over the processes, every rank evaluates, rank 0 writes."""
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
@@ -1284,7 +1286,7 @@ def retrain(genotype, args, device, run_dir, log, method, build=None):
     elif build is None:
         net = NetworkCIFAR(args.retrain_init_channels, num_classes, args.retrain_layers, args.auxiliary, genotype)
     else:
-        net = build(num_classes)
+        net = build(num_classes, size)
     net.to(device)
     params, macs = count_parameters(net), count_macs(net, size)
     net = speed_up(net, args)
