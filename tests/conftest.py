@@ -11,6 +11,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one thread per worker and per child process
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 # tiny supernet and retrain network on `fake` data: shapes only, seconds on CPU
 TINY = ["--device", "cpu", "--workers", "0", "--dataset", "fake", "--image-size", "16", "--epochs", "2",
         "--batch-size", "16", "--steps-per-epoch", "8", "--init-channels", "4", "--layers", "3", "--retrain-epochs", "1",
