@@ -96,6 +96,13 @@ Deviations from the paper (each is what the official code does, unless marked "o
        their order, the clip (Deviation 6) and the zero-filled gradients (Deviation 12) are as in the DARTS space.
        The official alpha is resampled until no inf or nan appears (search_model_gdas.py lines 115-129); ours
        checks the Gumbel draw only (softmax of finite values is finite).
+   14. --dataset imagenet retrains with GDAS's own recipe (Args.IMAGENET: AutoDL-Projects' nas-infer-train.sh with
+       configs/opts/NAS-IMAGENET.config) in common.NetworkImageNet, whose parameters equal AutoDL's DXYs ImageNet
+       network at C=50 (tests/test_imagenet.py), with the BN in the auxiliary head as AutoDL's. Schedule: ours
+       (common.retrain_scheduler) warms up at lr0 (e+1)/5 per epoch, then cos(pi e / 250); the official
+       (xautodl/procedures/optimizers.py lines 81-107) rises per step (e + i/n)/5, then cos(pi (e-5) / 245), and
+       its last 5 epochs run at eta_min 0 (max_epochs = 245 of 250). Augmentation: common's (train_imagenet.py's);
+       AutoDL adds Lighting(0.1) PCA noise (xautodl/datasets/get_dataset_with_transform.py line 173).
    Plus the deviations shared by every method file, listed in common.py's docstring (C1-C5).
 
 Runs: --resume RUN_DIR continues a killed run; under torchrun only retraining is distributed
@@ -161,6 +168,18 @@ class Args(common.BaseArgs):
     # num_cells 5 (21), tau 10 -> 0.1 (41), arch lr 0.0003 and weight decay 0.001 (42). Only the values that
     # differ from the defaults above are listed.
     NB201 = {"batch_size": 64, "init_channels": 16, "layers": 5}
+
+    # --dataset imagenet: AutoDL-Projects @ f46486e docs/CVPR-2019-GDAS.md line 35 (scripts/nas-infer-train.sh
+    # imagenet-1k GDAS_V1 256: batch 256, no cutout, line 31), configs/archs/NAS-IMAGENET-GDAS_V1.config (C 50,
+    # N 4 = 14 cells, auxiliary 1, drop_path_prob 0: lines 5-8) and configs/opts/NAS-IMAGENET.config (cosine to
+    # eta_min 0, 245 + 5 warm-up epochs, SGD lr 0.1, wd 3e-5, momentum 0.9, Nesterov, label smoothing 0.1,
+    # auxiliary weight 0.4: lines 2-13); the procedure clips no gradient (xautodl/procedures/basic_main.py
+    # lines 113-115); AutoDL's auxiliary head keeps its 768-channel BN (Deviation 14).
+    IMAGENET = {"retrain_epochs": 250, "retrain_warmup_epochs": 5, "retrain_schedule": "cosine",
+                "retrain_batch_size": 256, "retrain_lr": 0.1, "retrain_weight_decay": 3e-5, "retrain_momentum": 0.9,
+                "retrain_nesterov": True, "label_smoothing": 0.1, "auxiliary": True, "auxiliary_weight": 0.4,
+                "aux_batchnorm": True, "drop_path_prob": 0.0, "retrain_grad_clip": 0.0, "retrain_init_channels": 50,
+                "retrain_layers": 14, "cutout": False}
 
 
 # =====================================================================================
@@ -480,26 +499,23 @@ def search_step(model, x, y, x_val, y_val, w_optimizer, a_optimizer, args):
 
 
 def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, args, log, epoch):
-    """One epoch of Eq. (7): a search_step per train batch. Returns the mean train loss and accuracy, the val
-    loss and accuracy of the architecture steps (what the official code logs: train-mode BN, one sample per
-    batch) and seconds per step."""
+    """One epoch of Eq. (7): a search_step per train batch. Returns common.Progress's summary (train loss and
+    accuracy, seconds per step, peak GPU memory) with the val loss and accuracy of the architecture steps (what the
+    official code logs: train-mode BN, one sample per batch)."""
     model.train()
     steps = min(len(train_data), args.steps_per_epoch or len(train_data))
-    loss_sum, acc_sum, val_loss_sum, val_acc_sum, n, t0 = 0.0, 0.0, 0.0, 0.0, 0, time.time()
+    progress = common.Progress(log, "search", epoch, steps, args.report_freq, device)
+    val_loss_sum, val_acc_sum = 0.0, 0.0
     for step, (x, y) in enumerate(train_data):
         if step >= steps:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         x_val, y_val = (t.to(device, non_blocking=True) for t in next(val_iter))
         loss, logits, val_loss, val_logits = search_step(model, x, y, x_val, y_val, w_optimizer, a_optimizer, args)
-        loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + common.accuracy(logits, y), n + 1
         val_loss_sum, val_acc_sum = val_loss_sum + val_loss.item(), val_acc_sum + common.accuracy(val_logits, y_val)
-        if (step + 1) % args.report_freq == 0 or step + 1 == steps:
-            log.info("search epoch %d step %d/%d loss %.4f acc %.2f val_loss %.4f val_acc %.2f (%.3f s/step)",
-                     epoch, step + 1, steps, loss_sum / n, acc_sum / n, val_loss_sum / n, val_acc_sum / n,
-                     (time.time() - t0) / n)
-    n = max(n, 1)
-    return loss_sum / n, acc_sum / n, val_loss_sum / n, val_acc_sum / n, (time.time() - t0) / n
+        progress.update(loss.item(), common.accuracy(logits, y))
+    n = max(len(progress.step_seconds), 1)
+    return {**progress.summary(), "val_loss": val_loss_sum / n, "val_acc": val_acc_sum / n}
 
 
 def search(args, device, run_dir, log):
@@ -514,6 +530,7 @@ def search(args, device, run_dir, log):
         model = NB201Network(args.init_channels, num_classes, args.layers, args.track_running_stats).to(device)
     else:
         model = Network(args.init_channels, num_classes, args.layers, frc=args.frc).to(device)
+    model = common.speed_up(model, args)  # --channels-last, --compile
     log.info("supernet: %.3f M weights, alphas %s%s", sum(p.numel() for p in model.weight_parameters()) / 1e6,
              [tuple(a.shape) for a in model.arch_parameters()], " (fixed reduction cell)" if args.frc else "")
     w_optimizer = torch.optim.SGD(model.weight_parameters(), args.lr, momentum=args.momentum,
@@ -540,15 +557,13 @@ def search(args, device, run_dir, log):
         # ALGO LOGIC: Eq. (8): tau for this epoch
         model.tau = temperature(epoch, args.epochs, args.tau_max, args.tau_min)
         val_iter = common.forever(val_data)  # one pass of the val half per epoch at the 50/50 split
-        train_loss, train_acc, val_loss, val_acc, s_per_step = search_epoch(
-            model, train_data, val_iter, w_optimizer, a_optimizer, device, args, log, epoch)
+        train = search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, args, log, epoch)
         scheduler.step()
         genotype = model.genotype(args.genotype_rule)
         weights = model.arch_weights()
         alpha_history.append(weights)
-        row = {"epoch": epoch, "lr": lr, "tau": model.tau, "train_loss": train_loss, "train_acc": train_acc,
-               "val_loss": val_loss, "val_acc": val_acc, "seconds": time.time() - t0,
-               "seconds_per_step": s_per_step, "genotype": common.genotype_to_dict(genotype),
+        row = {"epoch": epoch, "lr": lr, "tau": model.tau, **train, "seconds": time.time() - t0,
+               "genotype": common.genotype_to_dict(genotype),
                **(common.nb201_epoch_row(args, genotype, log) if nb201 else {})}
         history.append(row)
         common.append_jsonl(run_dir / "search_history.jsonl", row)
@@ -557,7 +572,7 @@ def search(args, device, run_dir, log):
                                                        "alpha": alphas})
         common.write_json(run_dir / "genotype.json", common.genotype_to_dict(genotype))
         log.info("search epoch %d lr %.5f tau %.3f train_acc %.2f val_acc %.2f %.1fs", epoch, lr, model.tau,
-                 train_acc, val_acc, row["seconds"])
+                 row["train_acc"], row["val_acc"], row["seconds"])
         log.info("genotype %s", genotype)
         # TRY NOT TO MODIFY: checkpoint with everything needed to resume, alphas and tau included
         common.save_checkpoint(run_dir / "checkpoint_search.pt", {

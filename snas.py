@@ -91,6 +91,9 @@ Deviations from the paper (each is what the official code does, unless marked "o
        C x H x H input, averaged over the 3N cells. SNAS's child rule (argmax per edge, 'none' included) is the
        benchmark's, so the derived cell is common.nb201_derive's arch string; it is retrained with the
        benchmark's 200-epoch recipe (common.NB201_RETRAIN_ARGS).
+   15. --dataset imagenet retrains with SNAS/train_imagenet.py's values (Args.IMAGENET) in common.NetworkImageNet,
+       which lacks the affine BN after the pools of SNAS's model.py (Deviation 10; tests/test_imagenet.py);
+       its lr steps at the end of each epoch (train_imagenet.py line 190 steps first, as Deviation 5).
    Plus the deviations shared by every method file, listed in common.py's docstring (C1-C5).
 
 Runs: --resume RUN_DIR continues a killed run; under torchrun only retraining is distributed (README.md).
@@ -161,6 +164,13 @@ class Args(common.BaseArgs):
     # scripts-search/NAS-Bench-201-algos/GDAS.sh lines 20-21 (channel=16, num_cells=5; the same in DARTS-V1.sh);
     # the batch (64) is SNAS's and the benchmark's (configs/nas-benchmark/algos/DARTS.config line 12) alike.
     NB201 = {"init_channels": 16, "layers": 5}
+
+    # --dataset imagenet: SNAS-Series SNAS/train_imagenet.py @ 9a43adb, whose values equal DARTS's recipe
+    # (common.IMAGENET_RETRAIN_ARGS: 250 epochs, batch 128, lr 0.1, momentum 0.9, wd 3e-5, StepLR(1, 0.97),
+    # label smoothing 0.1, clip 5, 14 cells, drop path 0; lines 30-49, 177) except --init_channels 50 (line 38)
+    # and --auxiliary, off by default (line 40; the README has no ImageNet command to turn it on); the head has
+    # its 768-channel BN when turned on (model.py lines 93-98).
+    IMAGENET = {"retrain_init_channels": 50, "auxiliary": False, "aux_batchnorm": True}
 
 
 # =====================================================================================
@@ -619,22 +629,20 @@ def parse_genotype(text):
 # Search loop
 # =====================================================================================
 def search_epoch(model, train_data, w_optimizer, a_optimizer, device, args, log, epoch):
-    """One epoch of Eq. (3): per training batch one train_step (weights and log alpha together)."""
+    """One epoch of Eq. (3): per training batch one train_step (weights and log alpha together). Returns
+    common.Progress's summary (train loss and accuracy, seconds per step, peak GPU memory) and the mean penalty."""
     model.train()
     steps = min(len(train_data), args.steps_per_epoch or len(train_data))
-    loss_sum, acc_sum, pen_sum, n, t0 = 0.0, 0.0, 0.0, 0, time.time()
+    progress = common.Progress(log, "search", epoch, steps, args.report_freq, device)
+    pen_sum = 0.0
     for step, (x, y) in enumerate(train_data):
         if step >= steps:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss, logits, penalty = train_step(model, x, y, w_optimizer, a_optimizer, args)
-        loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + common.accuracy(logits, y), n + 1
         pen_sum += penalty
-        if (step + 1) % args.report_freq == 0 or step + 1 == steps:
-            log.info("search epoch %d step %d/%d loss %.4f acc %.2f penalty %.3f (%.3f s/step)", epoch, step + 1,
-                     steps, loss_sum / n, acc_sum / n, pen_sum / n, (time.time() - t0) / n)
-    n = max(n, 1)
-    return loss_sum / n, acc_sum / n, pen_sum / n, (time.time() - t0) / n
+        progress.update(loss.item(), common.accuracy(logits, y))
+    return {**progress.summary(), "resource_penalty": pen_sum / max(len(progress.step_seconds), 1)}
 
 
 def evaluate_child(model, data, device, amp=False, max_steps=0):
@@ -659,6 +667,7 @@ def search(args, device, run_dir, log):
     net = NB201Network if nb201 else Network
     model = net(args.init_channels, num_classes, args.layers, loc_mean=args.loc_mean, loc_std=args.loc_std,
                 drop_path_prob=args.search_drop_path_prob).to(device)
+    model = common.speed_up(model, args)  # --channels-last, --compile
     log.info("supernet: %.3f M weights, log alphas %s", sum(p.numel() for p in model.weight_parameters()) / 1e6,
              [tuple(a.shape) for a in model.arch_parameters()])
     w_optimizer = torch.optim.SGD(model.weight_parameters(), args.lr, momentum=args.momentum,
@@ -681,8 +690,7 @@ def search(args, device, run_dir, log):
         lr = w_optimizer.param_groups[0]["lr"]
         # ALGO LOGIC: Deviation 4: linear annealing of the Gumbel-softmax temperature, once per epoch
         model.temperature = temperature(epoch, args.epochs, args.tau_max, args.tau_min)
-        train_loss, train_acc, penalty, s_per_step = search_epoch(model, train_data, w_optimizer, a_optimizer,
-                                                                  device, args, log, epoch)
+        train = search_epoch(model, train_data, w_optimizer, a_optimizer, device, args, log, epoch)
         val_loss, val_acc = common.evaluate(model, val_data, device, args.amp, args.steps_per_epoch)
         child_loss, child_acc = evaluate_child(model, val_data, device, args.amp, args.steps_per_epoch)
         scheduler.step()
@@ -690,10 +698,9 @@ def search(args, device, run_dir, log):
         genotype = edge_all if nb201 else edge_all_to_cell(edge_all)  # NB-201: the arch string
         weights = {k: w.tolist() for k, w in model.probabilities().items()}
         alpha_history.append(weights)
-        row = {"epoch": epoch, "lr": lr, "temperature": model.temperature, "train_loss": train_loss,
-               "train_acc": train_acc, "resource_penalty": penalty, "val_loss": val_loss, "val_acc": val_acc,
-               "child_val_loss": child_loss, "child_val_acc": child_acc, "seconds": time.time() - t0,
-               "seconds_per_step": s_per_step, "genotype": common.genotype_to_dict(genotype),
+        row = {"epoch": epoch, "lr": lr, "temperature": model.temperature, **train, "val_loss": val_loss,
+               "val_acc": val_acc, "child_val_loss": child_loss, "child_val_acc": child_acc,
+               "seconds": time.time() - t0, "genotype": common.genotype_to_dict(genotype),
                "genotype_edge_all": common.genotype_to_dict(edge_all),
                **(common.nb201_epoch_row(args, genotype, log) if nb201 else {})}
         history.append(row)
@@ -704,7 +711,7 @@ def search(args, device, run_dir, log):
                                                                      model.log_alphas().items()}})
         common.write_json(run_dir / "genotype.json", common.genotype_to_dict(genotype))
         log.info("search epoch %d lr %.5f temperature %.4f train_acc %.2f val_acc %.2f (child %.2f) %.1fs", epoch,
-                 lr, model.temperature, train_acc, val_acc, child_acc, row["seconds"])
+                 lr, model.temperature, row["train_acc"], val_acc, child_acc, row["seconds"])
         log.info("genotype_edge_all %s", edge_all)
         # TRY NOT TO MODIFY: checkpoint with everything needed to resume, log alphas included
         common.save_checkpoint(run_dir / "checkpoint_search.pt", {

@@ -425,16 +425,24 @@ NB201_TINY = ["--space", "nb201", "--device", "cpu", "--workers", "0", "--datase
               "--retrain-batch-size", "16"]
 
 
-def test_nb201_search_looks_up_every_epochs_cell_and_retrains_it_as_the_benchmark_network(tmp_path, nb201_benchmark):
+def test_nb201_search_looks_up_every_epochs_cell_and_retrains_it_as_the_benchmark_network(tmp_path, nb201_benchmark,
+                                                                                           monkeypatch):
+    """Also: --channels-last reaches the supernet and the retrained network through common.speed_up, and the
+    search history has common.Progress's per-step fields."""
     folder, expected = nb201_benchmark
-    results = common.cli(gdas.main, gdas.Args, [*NB201_TINY, "--nb201-benchmark", str(folder),
+    seen, speed_up = [], common.speed_up
+    monkeypatch.setattr(common, "speed_up", lambda model, args: seen.append((type(model), args.channels_last))
+                        or speed_up(model, args))
+    results = common.cli(gdas.main, gdas.Args, [*NB201_TINY, "--nb201-benchmark", str(folder), "--channels-last",
                                                 "--out-dir", str(tmp_path), "--run-name", "nb"])
+    assert seen == [(gdas.NB201Network, True), (common.NB201Network, True)]
     run_dir = tmp_path / "nb"
     record = json.loads((run_dir / "genotype.json").read_text())
     arch = record["arch"]
     assert record == {"space": "nb201", "arch": arch, "nb201_index": common.nb201_index(arch)} == results["genotype"]
     history = read_jsonl(run_dir / "search_history.jsonl")
     assert len(history) == 2 and history[-1]["arch"] == arch
+    assert all(len(r["step_seconds"]) == 2 and "peak_gpu_mb" in r for r in history)
     for row in history:  # the benchmark's accuracies of that epoch's derived cell, as GDAS.py line 322 logs them
         assert row["nb201_index"] == common.nb201_index(row["arch"]) and row["nb201"] == expected(row["arch"])
     alphas = read_jsonl(run_dir / "alphas.jsonl")
@@ -522,3 +530,29 @@ def test_bad_nb201_flags_are_one_line_exit_2_and_write_nothing(tmp_path, capsys,
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1, err
     assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# --dataset imagenet: GDAS's own retraining recipe (Args.IMAGENET); --channels-last / --compile reach the search
+# ----------------------------------------------------------------------------------------
+def test_imagenet_recipe_is_autodls_and_typed_flags_win(capsys):
+    args = common.parse_args(gdas.Args, ["--dataset", "imagenet", "--retrain-batch-size", "64"])
+    common.apply_recipes(args)
+    assert (args.retrain_batch_size, args.retrain_init_channels, args.retrain_layers, args.retrain_epochs) == (64, 50,
+                                                                                                            14, 250)
+    assert (args.retrain_warmup_epochs, args.retrain_nesterov, args.retrain_grad_clip, args.aux_batchnorm) == (5, True,
+                                                                                                            0.0, True)
+    assert (args.retrain_weight_decay, args.label_smoothing, args.retrain_schedule) == (3e-5, 0.1, "cosine")
+    # the schedule it gives: warm-up 0.02 .. 0.1 over 5 epochs, then the cosine
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], args.retrain_lr)
+    sched, lrs = common.retrain_scheduler(opt, args), []
+    for _ in range(7):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])
+    assert lrs[5:] == pytest.approx([0.05 * (1 + np.cos(np.pi * e / 250)) for e in (5, 6)])
+    with pytest.raises(SystemExit):
+        common.cli(gdas.main, gdas.Args, ["--help"])
+    assert "[--dataset imagenet: 50]" in " ".join(capsys.readouterr().out.split())
+

@@ -406,16 +406,24 @@ NB201_TINY = ["--space", "nb201", "--device", "cpu", "--workers", "0", "--datase
               "--retrain-batch-size", "16"]
 
 
-def test_nb201_search_looks_up_every_epochs_cell_and_retrains_it_as_the_benchmark_network(tmp_path, nb201_benchmark):
+def test_nb201_search_looks_up_every_epochs_cell_and_retrains_it_as_the_benchmark_network(tmp_path, nb201_benchmark,
+                                                                                           monkeypatch):
+    """Also: --channels-last reaches the supernet and the retrained network through common.speed_up, and the
+    search history has common.Progress's per-step fields."""
     folder, expected = nb201_benchmark
-    results = common.cli(snas.main, snas.Args, [*NB201_TINY, "--nb201-benchmark", str(folder),
+    seen, speed_up = [], common.speed_up
+    monkeypatch.setattr(common, "speed_up", lambda model, args: seen.append((type(model), args.channels_last))
+                        or speed_up(model, args))
+    results = common.cli(snas.main, snas.Args, [*NB201_TINY, "--nb201-benchmark", str(folder), "--channels-last",
                                                 "--out-dir", str(tmp_path), "--run-name", "nb"])
+    assert seen == [(snas.NB201Network, True), (common.NB201Network, True)]
     run_dir = tmp_path / "nb"
     record = json.loads((run_dir / "genotype.json").read_text())
     arch = record["arch"]
     assert record == {"space": "nb201", "arch": arch, "nb201_index": common.nb201_index(arch)} == results["genotype"]
     history = read_jsonl(run_dir / "search_history.jsonl")
     assert len(history) == 2 and history[-1]["arch"] == arch
+    assert all(len(r["step_seconds"]) == 2 and "peak_gpu_mb" in r for r in history)
     for row in history:
         assert row["nb201_index"] == common.nb201_index(row["arch"]) and row["nb201"] == expected(row["arch"])
         assert row["resource_penalty"] > 0 and 0 <= row["child_val_acc"] <= 100
@@ -474,3 +482,22 @@ def test_bad_nb201_flags_are_one_line_exit_2_and_write_nothing(tmp_path, capsys,
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1, err
     assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# --dataset imagenet: SNAS/train_imagenet.py's recipe (Args.IMAGENET); --channels-last / --compile reach the search
+# ------------------------------------------------------------------------------------------------------------
+def test_imagenet_recipe_is_snas_train_imagenet_and_typed_flags_win():
+    args = common.parse_args(snas.Args, ["--dataset", "imagenet", "--auxiliary"])
+    common.apply_recipes(args)
+    assert (args.retrain_init_channels, args.retrain_layers, args.retrain_epochs, args.retrain_batch_size) == (50, 14,
+                                                                                                            250, 128)
+    assert (args.retrain_lr, args.retrain_weight_decay, args.retrain_schedule, args.retrain_gamma) == (0.1, 3e-5,
+                                                                                                     "step", 0.97)
+    assert (args.label_smoothing, args.retrain_grad_clip, args.drop_path_prob, args.aux_batchnorm) == (0.1, 5.0, 0.0,
+                                                                                                     True)
+    assert args.auxiliary is True  # typed; the recipe's default is off (train_imagenet.py line 40)
+    untyped = common.parse_args(snas.Args, ["--dataset", "imagenet"])
+    common.apply_recipes(untyped)
+    assert untyped.auxiliary is False
+
