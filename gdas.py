@@ -150,8 +150,8 @@ class Args(common.BaseArgs):
     tau_min: float = arg(0.1, "Eq. (8): NASNet-space-search-by-GDAS.sh --tau_min 0.1 (at most --tau-max)", check=">0")
     frc: bool = arg(False, "GDAS (FRC): search the normal cell only, fixed reduction cell (search only here)")
     genotype_rule: str = arg("darts", "darts (two distinct inputs per node, 2019 release) | pairs (top-2 "
-                             "(op, input) pairs per node, AutoDL re-implementation); --space nb201 has one rule, the argmax op per "
-                             "edge", check=("darts", "pairs"))
+                             "(op, input) pairs per node, AutoDL re-implementation); --space nb201 has one rule, "
+                             "the argmax op per edge", check=("darts", "pairs"))
     space: str = arg("darts", "darts | nb201: the NAS-Bench-201 cell (4 nodes, 6 edges, 5 ops) in the benchmark's "
                      "macro network; defaults then follow configs/nas-benchmark/algos/GDAS.config and "
                      "scripts-search/NAS-Bench-201-algos/GDAS.sh (see [--space nb201: ...])", check=("darts", "nb201"))

@@ -463,7 +463,8 @@ def test_nb201_recipe_fills_only_untyped_flags_and_help_shows_it(capsys):
     common.apply_recipes(args)
     assert (args.batch_size, args.layers, args.init_channels, args.epochs, args.lr, args.tau_min) == (32, 5, 16, 250,
                                                                                                        0.025, 0.1)
-    assert (args.retrain_epochs, args.retrain_batch_size, args.retrain_nesterov, args.retrain_layers) == (3, 256, True, 5)
+    assert (args.retrain_epochs, args.retrain_batch_size, args.retrain_nesterov, args.retrain_layers) == (3, 256, True,
+                                                                                                       5)
     darts_space = common.parse_args(gdas.Args, [])
     common.apply_recipes(darts_space)
     assert (darts_space.batch_size, darts_space.layers, darts_space.retrain_epochs) == (256, 8, 600)
@@ -556,3 +557,13 @@ def test_imagenet_recipe_is_autodls_and_typed_flags_win(capsys):
         common.cli(gdas.main, gdas.Args, ["--help"])
     assert "[--dataset imagenet: 50]" in " ".join(capsys.readouterr().out.split())
 
+
+@pytest.mark.slow
+def test_nb201_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """The NB-201 search resumes bit for bit (alphas_cell, optimisers, RNG, the zero-filled .grad of Deviation 12)."""
+    flags = [*NB201_TINY, "--epochs", "3"]
+    ref = run_script("gdas.py", *flags, "--out-dir", tmp_path, "--run-name", "ref")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    run_dir = kill_resume_and_compare("gdas.py", flags, tmp_path, tmp_path / "ref", kill_in_retrain=False)
+    arch = json.loads((run_dir / "genotype.json").read_text())["arch"]
+    assert read_jsonl(run_dir / "search_history.jsonl")[-1]["arch"] == arch
