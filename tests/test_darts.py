@@ -252,7 +252,7 @@ from conftest import read_jsonl  # noqa: E402
 
 NB201_TINY = ["--space", "nb201", "--device", "cpu", "--workers", "0", "--dataset", "fake", "--image-size", "8",
               "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "8", "--init-channels", "4", "--layers", "1",
-              "--retrain-epochs", "1", "--retrain-batch-size", "8", "--retrain-init-channels", "4",
+              "--retrain-epochs", "1", "--retrain-batch-size", "64", "--retrain-init-channels", "4",
               "--retrain-layers", "3"]
 
 

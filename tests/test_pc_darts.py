@@ -443,3 +443,112 @@ def test_k_and_warmup_checks_do_not_apply_to_a_given_genotype(tmp_path):
     results = pc_darts.main(args)
     assert "search" not in results and results["genotype"] == common.genotype_to_dict(common.GENOTYPES["PC_DARTS"])
     assert 0 <= results["retrain"]["test_acc"] <= 100 and "best_test_acc" not in results["retrain"]
+
+
+# ----------------------------------------------------------------------------------------
+# --space nb201: partial channels and edge normalisation on the NAS-Bench-201 cell
+# ----------------------------------------------------------------------------------------
+NB201_TINY = ["--space", "nb201", "--device", "cpu", "--workers", "0", "--dataset", "fake", "--image-size", "8",
+              "--epochs", "2", "--warmup-epochs", "1", "--steps-per-epoch", "2", "--batch-size", "8",
+              "--init-channels", "4", "--layers", "1", "--retrain-epochs", "1", "--retrain-batch-size", "64",
+              "--retrain-init-channels", "4", "--retrain-layers", "3"]
+
+
+def test_nb201_k_1_is_darts_nb201_mixed_op_and_k_4_sends_c_over_k_channels_through_the_ops():
+    torch.manual_seed(3)
+    d, p = darts.MixedOp(8, 1, "nb201", False), pc_darts.MixedOp(8, 1, 1, "nb201", False)
+    p.load_state_dict(d.state_dict())
+    x, w = torch.randn(2, 8, 6, 6), F.softmax(torch.randn(5), 0)
+    assert torch.equal(p(x, w), d(x, w))
+    p4 = pc_darts.MixedOp(8, 1, 4, "nb201", False)
+    assert [tuple(op[1].weight.shape) for op in p4.ops[2:4]] == [(2, 2, 1, 1), (2, 2, 3, 3)]  # C/K = 2 channels
+    x2 = x.clone()
+    x2[:, :2] += 1.0  # only the first C/K channels go through the ops
+    moved = (p4(x2, w) - p4(x, w)).abs().amax(dim=(0, 2, 3)) > 0
+    # after the shuffle with K=4 groups, channel i * 4 + g comes from group g: group 0 (the op output) moved
+    assert moved.tolist() == [True, False, False, False, True, False, False, False]
+
+
+def test_nb201_edge_softmax_is_per_node_and_leaves_the_argmax_per_edge_alone():
+    beta = torch.randn(6, requires_grad=True)
+    e = pc_darts.edge_softmax(beta, 3, first=1)
+    assert e[0] == 1.0 and torch.allclose(e[1:3].sum(), torch.tensor(1.0)) and torch.allclose(e[3:].sum(), torch.tensor(1.0))
+    assert torch.allclose(e[3:], F.softmax(beta[3:], 0))
+    net = pc_darts.NB201Network(4, 10, 1, k=4, track_running_stats=False)
+    F.cross_entropy(net(torch.randn(4, 3, 8, 8)), torch.arange(4)).backward()
+    assert net.betas.grad[0] == 0 and net.betas.grad[1:].abs().sum() > 0  # node 1's single edge: softmax is 1
+    with torch.no_grad():
+        net.betas.copy_(torch.tensor([0.0, 5.0, -5.0, 9.0, -9.0, 0.0]))
+    assert net.genotype() == common.nb201_derive(F.softmax(net.alphas, -1))  # beta scales whole edges
+    assert [tuple(a.shape) for a in net.arch_parameters()] == [(6, 5), (6,)]
+
+
+def test_nb201_recipes_fill_untyped_flags_only():
+    args = common.parse_args(pc_darts.Args, ["--space", "nb201", "--k", "2"])
+    common.apply_recipes(args)
+    assert (args.k, args.layers, args.lr, args.batch_size, args.weight_decay, args.nesterov) == (2, 5, 0.025, 64, 5e-4, True)
+    assert (args.warmup_epochs, args.arch_lr, args.retrain_epochs, args.retrain_layers) == (15, 6e-4, 200, 5)
+    assert "[--space nb201: 64]" in common._parser(pc_darts.Args).format_help()
+
+
+def test_imagenet_retraining_recipe_is_train_imagenet_py_and_drives_the_schedule():
+    """PC-DARTS train_imagenet.py: batch 1024, lr 0.5, wd 3e-5, 250 epochs, label smoothing 0.1, auxiliary, and
+    the lr per epoch: warm-up lr0 (e+1)/5 for e < 5, then adjust_lr's linear rule."""
+    args = common.parse_args(pc_darts.Args, ["--dataset", "imagenet", "--retrain-epochs", "20"])
+    common.apply_recipes(args)
+    assert (args.retrain_batch_size, args.retrain_lr, args.retrain_weight_decay, args.label_smoothing) == \
+        (1024, 0.5, 3e-5, 0.1)
+    assert (args.retrain_init_channels, args.retrain_layers, args.auxiliary, args.drop_path_prob, args.cutout) == \
+        (48, 14, True, 0.0, False)
+    assert args.retrain_epochs == 20  # typed
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], args.retrain_lr)
+    sched = common.retrain_scheduler(opt, args)
+    lrs = []
+    for _ in range(args.retrain_epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    E = args.retrain_epochs
+
+    def official(e):  # train_imagenet.py lines 151-158 and 186-194
+        if e < 5:
+            return 0.5 * (e + 1) / 5
+        return 0.5 * (E - 5 - e) / (E - 5) if E - e > 5 else 0.5 * (E - e) / ((E - 5) * 5)
+    assert lrs == pytest.approx([official(e) for e in range(E)])
+    assert "[--dataset imagenet: 1024]" in common._parser(pc_darts.Args).format_help()
+
+
+def test_nb201_search_end_to_end_with_the_benchmark_lookup(tmp_path, nb201_benchmark):
+    folder, expected = nb201_benchmark
+    argv = [*NB201_TINY, "--nb201-benchmark", str(folder), "--out-dir", str(tmp_path), "--run-name", "run"]
+    results = pc_darts.main(common.parse_args(pc_darts.Args, argv))
+    run_dir = tmp_path / "run"
+    genotype = json.loads((run_dir / "genotype.json").read_text())
+    assert genotype == common.nb201_record(genotype["arch"]) and results["genotype"] == genotype
+    history = read_jsonl(run_dir / "search_history.jsonl")
+    assert [r["arch_step"] for r in history] == [False, True]
+    for r in history:
+        assert r["nb201_index"] == common.nb201_index(r["arch"])
+        assert r["nb201"] == pytest.approx(expected(r["arch"]), abs=1e-9)
+        assert len(r["step_seconds"]) == 2  # common.Progress
+    last = read_jsonl(run_dir / "alphas.jsonl")[-1]
+    alpha, beta = torch.tensor(last["alpha"]["cell"]), torch.tensor(last["beta"]["cell"])
+    assert alpha.shape == (6, 5) and beta.shape == (6,)
+    assert common.nb201_derive(F.softmax(alpha, -1)) == genotype["arch"] == history[-1]["arch"]
+    assert (run_dir / "nb201.png").is_file()
+    net = common.NB201Network(genotype["arch"], 10, 4, 3)
+    assert results["retrain"]["params_M"] == pytest.approx(common.count_parameters(net))
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--space", "darts", "--layers", "2"], "--layers must be >=3, got 2"),
+    (["--k", "8"], "--init-channels 4 must be a multiple of --k 8"),
+    (["--genotype", "PC_DARTS"], "--space nb201 needs one"),
+    (["--space", "darts", "--nb201-benchmark", "x"], "needs --space nb201"),
+])
+def test_nb201_bad_inputs(tmp_path, capsys, flags, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(pc_darts.main, pc_darts.Args, [*NB201_TINY, "--out-dir", str(tmp_path / "runs"), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
