@@ -1343,11 +1343,12 @@ def retrain(genotype, args, device, run_dir, log, method, build=None):
 # =====================================================================================
 # The pipeline of every method file's main(): search -> derive -> retrain -> test
 # =====================================================================================
-def run(args, script, method, device, genotype, search, build=None):
+def run(args, script, method, device, genotype, search, build=None, distributed_search=False):
     """What main() does after its own checks: load both data splits (errors before any run folder),
     make the run folder, seed, search (unless `genotype` is given), write genotype.json and its
     drawing, retrain with common.retrain (build: see retrain) and write results.json.
-    search(args, device, run_dir, log) -> (genotype, summary dict)."""
+    search(args, device, run_dir, log) -> (genotype, summary dict). distributed_search=True: the method's
+    search runs under torchrun itself (every rank calls search and returns the same genotype)."""
     if genotype is not None and args.no_retrain:
         raise UsageError("--genotype skips the search and --no-retrain skips retraining: nothing to do")
     nb201 = getattr(args, "space", "darts") == "nb201"
@@ -1357,7 +1358,7 @@ def run(args, script, method, device, genotype, search, build=None):
                                                       f"; {Path(script).stem} has no NAS-Bench-201 space"))
     check_data(args)
     rank, world, device = setup_distributed(device)
-    if world > 1 and genotype is None:
+    if world > 1 and genotype is None and not distributed_search:
         raise UsageError("under torchrun only retraining is distributed: search with one process, then "
                          "pass --genotype runs/<run>/genotype.json")
     run_dir, log = start_run(args, script)
