@@ -428,7 +428,8 @@ class NB201Controller(nn.Module):
         self.lstm = nn.LSTM(H, H, num_layers=lstm_layers)
         self.w_embd = nn.Embedding(K, H)
         self.w_pred = nn.Linear(H, K)
-        for w in (self.input_vars, self.lstm.weight_hh_l0, self.lstm.weight_ih_l0, self.w_embd.weight, self.w_pred.weight):
+        for w in (self.input_vars, self.lstm.weight_hh_l0, self.lstm.weight_ih_l0, self.w_embd.weight,
+                  self.w_pred.weight):
             nn.init.uniform_(w, -0.1, 0.1)  # lines 42-46; the other weights keep torch's default init
 
     def forward(self, batch=1, arcs=None):
@@ -834,7 +835,8 @@ def main(args):
     if args.space == "darts" and args.layers < 3:  # NB-201's N may be 1 or 2
         raise UsageError(f"--layers must be >=3, got {args.layers} (the DARTS space; --space nb201 allows N >= 1)")
     if args.space == "darts" and args.lstm_layers != 1:
-        raise UsageError("--lstm-layers: the DARTS-space controller has one LSTM layer (main.py); more need --space nb201")
+        raise UsageError("--lstm-layers: the DARTS-space controller has one LSTM layer (main.py); "
+                         "more need --space nb201")
     genotype = None
     if args.genotype:  # fail before any work; a string of integers is an ENAS arc
         is_arc = all(t.lstrip("-").isdigit() for t in args.genotype.split())

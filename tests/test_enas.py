@@ -561,7 +561,8 @@ def test_nb201_shared_net_runs_only_the_sampled_ops():
             for k, op in enumerate(ops):
                 grads = [p.grad for p in op.parameters()]
                 assert all(g is not None for g in grads) if k == arc[0][e] else all(g is None for g in grads)
-    assert enas.nb201_arch(arc) == "|nor_conv_3x3~0|+|none~0|skip_connect~1|+|nor_conv_1x1~0|avg_pool_3x3~1|nor_conv_3x3~2|"
+    assert enas.nb201_arch(arc) == \
+        "|nor_conv_3x3~0|+|none~0|skip_connect~1|+|nor_conv_1x1~0|avg_pool_3x3~1|nor_conv_3x3~2|"
 
 
 def test_nb201_schedule_is_the_official_cosine_without_restarts():
