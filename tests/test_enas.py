@@ -634,3 +634,12 @@ def test_nb201_bad_inputs_are_one_line_exit_2_before_any_folder(tmp_path, capsys
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
     assert not out.exists()
+
+
+@pytest.mark.slow  # two subprocess runs of the tiny NB-201 search
+def test_nb201_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """The controller, its torch Adam, the baseline and the final best-of-N derivation resume bit for bit."""
+    flags = [*NB201_TINY, "--epochs", "3"]
+    ref = run_script("enas.py", *flags, "--out-dir", tmp_path, "--run-name", "ref")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    kill_resume_and_compare("enas.py", flags, tmp_path, tmp_path / "ref", kill_in_retrain=False)
