@@ -387,13 +387,15 @@ def measure_latency_table(model, image_size, device, repeats=10):
             "choices": model.choices, "fixed": fixed, "layers": rows}
 
 
-def load_latency_table(path, space, image_size, plan_choices):
+def load_latency_table(path, space, image_size=None):
+    """--latency-table: a latency.json of this space (and image size, once it is known); one line otherwise."""
     try:
         table = json.loads(Path(path).read_text())
-        ok = table["space"] == space and table["image_size"] == image_size and table["choices"] == plan_choices
+        rows_ok = [len(r) for r in table["layers"]] == [len(c) for c in choices(layer_plan(space))]
+        ok = table["space"] == space and rows_ok and float(table["fixed"]) >= 0
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--latency-table {path}: not a latency.json of this file ({type(e).__name__})") from None
-    if not ok:
+    if not ok or image_size not in (None, table["image_size"]):
         raise UsageError(f"--latency-table {path}: measured for another space or image size than this run's")
     return table
 
@@ -579,7 +581,7 @@ def search(args, device, run_dir, log):
     log.info("supernet: %.3f M weights, %d searchable layers", sum(p.numel() for p in model.weight_parameters()) / 1e6,
              len(model.alphas))
     if args.latency_table:
-        table = load_latency_table(args.latency_table, model.space, size, model.choices)
+        table = load_latency_table(args.latency_table, model.space, size)
     elif args.resume and (run_dir / "latency.json").exists():
         table = json.loads((run_dir / "latency.json").read_text())
     else:
@@ -604,9 +606,9 @@ def search(args, device, run_dir, log):
         log.info("resuming the search at epoch %d", start)
     history = common.keep_jsonl(run_dir / "search_history.jsonl", start)
     common.keep_jsonl(run_dir / "alphas.jsonl", start)
-    val_iter = common.forever(val_data)
     for epoch in range(start, args.warmup_epochs + args.epochs):
         t0 = time.time()
+        val_iter = common.forever(val_data)  # a fresh pass of the val half per epoch (as darts.py)
         train = search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, table, target, device, args, log,
                              epoch, state)
         val_loss, val_acc = common.evaluate(model, val_data, device, args.amp, args.steps_per_epoch)
@@ -650,6 +652,8 @@ def main(args):
     genotype = parse_genotype(args.genotype, search_space(args)) if args.genotype else None  # fail before any work
     if args.latency_table and not Path(args.latency_table).is_file():
         raise UsageError(f"--latency-table {args.latency_table}: no such file")
+    if args.latency_table:  # the image size is checked once the data is loaded
+        load_latency_table(args.latency_table, search_space(args), args.image_size or None)
     chosen = {"genotype": genotype}
 
     def search_fn(args, device, run_dir, log):
