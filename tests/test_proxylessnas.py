@@ -223,3 +223,21 @@ def test_sigkill_and_resume_give_the_uninterrupted_run(run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     # the same measured table for both runs, or their E[LAT] would differ by the timing noise
     kill_resume_and_compare("proxylessnas.py", [*flags, "--latency-table", ref / "latency.json"], tmp_path, ref)
+
+
+def test_reproduce_samples_valid_uniform_networks(tmp_path):
+    """reproduce.py --random-cells: one candidate per searchable layer uniformly, 'zero' only where allowed; the
+    written genotype.json is what --genotype reads."""
+    import random
+
+    import reproduce
+
+    args = P.Args(init_channels=8, layers=2)
+    space = P.search_space(args)
+    counts = {}
+    for i in range(600):
+        g = reproduce.SAMPLERS[reproduce.METHODS["proxylessnas"]](random.Random(i), args)
+        common.write_json(tmp_path / "g.json", g)
+        assert P.parse_genotype(str(tmp_path / "g.json"), space) == g
+        counts[g["ops"][1]] = counts.get(g["ops"][1], 0) + 1  # layer 1 allows zero (stride 1, same width)
+    assert set(counts) == set(P.CANDIDATES + [P.ZERO]) and max(abs(n / 600 - 1 / 7) for n in counts.values()) < 0.05
