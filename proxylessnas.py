@@ -12,7 +12,9 @@ Reproduce (search on the device this runs on, derive, retrain, test):
     python proxylessnas.py --genotype proxyless_gpu --dataset imagenet  # retrain a released network
     python proxylessnas.py --latency-table runs/<run>/latency.json      # reuse a measured lookup table
 
-Equations implemented (numbers of arXiv v2 as we read them; also used in notebooks/proxylessnas.ipynb):
+Equations implemented (also used in notebooks/proxylessnas.ipynb). Eq. (4) is the paper's binary-gate gradient;
+the other numbers follow the order of the paper's Sec. 3 as we recall it: its text could not be read here
+beyond the abstract, so they are uncertain (grep finds each in this file and the notebook):
     Eq. (1)  p_j = softmax(alpha)_j over the candidate paths of a layer          -> SuperNet.probs
     Eq. (2)  g = binarize(p): one-hot, g = e_j with probability p_j               -> sample_paths / sample_two
     Eq. (3)  m_O^Binary(x) = sum_j g_j o_j(x) = o_active(x)                     -> SuperNet.layer
@@ -26,7 +28,7 @@ Equations implemented (numbers of arXiv v2 as we read them; also used in noteboo
 
 Deviations from the paper (each is what the official code does, unless marked "ours"):
     1. The latency loss is the official 'mul#log' a * CE * (log E[LAT] / log T)^beta with a = 0.2,
-       beta = 0.3 (nas_manager.py lines 82-87, imagenet_arch_search.py lines 91-94); the paper's Eq. (8) adds
+       beta = 0.3 (nas_manager.py lines 82-87, imagenet_arch_search.py lines 91-94); the paper's Sec. 3.3 adds
        lambda2 E[LAT] to the loss, here --latency-loss add_linear, CE + 0.1 (E[LAT] - T) / T (the official
        'add#linear', nas_manager.py lines 88-91).
     2. ours: F is measured by this file on its own device (each candidate block, shortcut included, timed at
