@@ -934,9 +934,12 @@ def parse_genotype(text, more_names=()):
 
 
 def genotype_to_dict(g):
-    """What genotype.json holds: the Genotype's lists, or for an NB-201 arch string nb201_record's dict."""
+    """What genotype.json holds: the Genotype's lists, or for an NB-201 arch string nb201_record's dict; a
+    genotype that is already a dict (proxylessnas.py's layer-wise networks) is written as it is."""
     if isinstance(g, str):
         return nb201_record(g)
+    if isinstance(g, dict):
+        return dict(g)
     return {k: [list(e) if isinstance(e, tuple) else e for e in v] for k, v in g._asdict().items()}
 
 
@@ -1371,7 +1374,8 @@ def run(args, script, method, device, genotype, search, build=None, distributed_
     results["genotype"] = genotype_to_dict(genotype)
     if rank == 0:
         write_json(run_dir / "genotype.json", results["genotype"])
-        (plot_nb201_cell if isinstance(genotype, str) else plot_genotype)(genotype, run_dir / "genotype.png")
+        if not isinstance(genotype, dict):  # a dict genotype (proxylessnas.py) is no cell: its file draws it
+            (plot_nb201_cell if isinstance(genotype, str) else plot_genotype)(genotype, run_dir / "genotype.png")
     if not args.no_retrain:
         results["retrain"] = retrain(genotype, args, device, run_dir, log, method, build)
     if rank != 0:
