@@ -29,13 +29,13 @@ DARTS-V2.sh); the derived cell is retrained with the benchmark's 200-epoch recip
 --nb201-benchmark, looked up every epoch. --amended applies unchanged (its estimator is space-free);
 --early-stop (DARTS+) is refused: its criteria are defined on the DARTS normal cell's 8 kept edges.
 
-Equations implemented (numbers of arXiv v2, also used in notebooks/darts.ipynb):
+Equations implemented (the paper's own numbers, arXiv v2; also used in notebooks/darts.ipynb):
     Eq. (1)  x_j = sum_{i<j} o_bar^(i,j)(x_i)                          -> SearchCell.forward
     Eq. (2)  o_bar(x) = sum_o softmax(alpha)_o * o(x)                    -> MixedOp.forward
     Eq. (3)-(4) bilevel: min_alpha L_val(w*(alpha)), w* = argmin_w L_train -> search_epoch
-    Eq. (5)  grad_alpha L_val(w*) ~ grad_alpha L_val(w - xi grad_w L_train(w))  -> unrolled_arch_grad
-    Eq. (6)  = grad_alpha L_val(w') - xi grad2_{alpha,w} L_train(w) grad_w' L_val(w')  -> unrolled_arch_grad
-    Eq. (7)  grad2_{alpha,w} L_train v ~ [grad_alpha L_train(w+) - grad_alpha L_train(w-)] / (2 eps),
+    Eq. (5)-(6)  grad_alpha L_val(w*) ~ grad_alpha L_val(w - xi grad_w L_train(w))  -> unrolled_arch_grad
+    Eq. (7)  = grad_alpha L_val(w') - xi grad2_{alpha,w} L_train(w) grad_w' L_val(w')  -> unrolled_arch_grad
+    Eq. (8)  grad2_{alpha,w} L_train v ~ [grad_alpha L_train(w+) - grad_alpha L_train(w-)] / (2 eps),
              w+- = w +- eps v, eps = 0.01 / ||v||                      -> finite_difference_hvp
     first order (xi = 0): grad_alpha L_val(w, alpha)                   -> first_order_arch_grad
     Sec. 2.4 derived cell: top-2 incoming edges by strongest non-zero op -> derive_genotype
@@ -47,9 +47,9 @@ Equations implemented (numbers of arXiv v2, also used in notebooks/darts.ipynb):
 Deviations from the paper (each is what the official code does, unless marked "ours"):
     1. alpha is initialised as 1e-3 * N(0, 1) (paper: zeros).
     2. The search lr anneals by cosine to 0.001, not to zero (train_search.py --learning_rate_min).
-    3. The unrolled step of Eq. (5) is the real SGD step, w' = w - xi (mu m + grad_w L_train + lambda w),
+    3. The unrolled step of Eq. (6) is the real SGD step, w' = w - xi (mu m + grad_w L_train + lambda w),
        with the momentum buffer m (mu = 0.9) and weight decay lambda = 3e-4 (architect.py); the paper
-       writes w - xi grad_w L_train. Neither extra term depends on alpha, so Eq. (6)-(7) are unchanged.
+       writes w - xi grad_w L_train. Neither extra term depends on alpha, so Eq. (7)-(8) are unchanged.
     4. ours: xi is the lr in use and the scheduler steps at the end of each epoch. The official code
        steps it first (epoch 0 trains at eta(1)) and passes scheduler.get_lr(), which on
        PyTorch >= 1.4 is not the lr in use (train_search.py lines 109-110, architect.py).
@@ -63,7 +63,7 @@ Deviations from the paper (each is what the official code does, unless marked "o
     8. Retraining uses auxiliary towers and cutout by default, as the paper does; the official
        train.py flags are off unless passed (README passes them).
     9. ours: --amp (bfloat16 autocast, CUDA only) speeds up weight steps and retraining; the
-       second-order step always runs in float32 because Eq. (7) divides by a small eps.
+       second-order step always runs in float32 because Eq. (8) divides by a small eps.
    10. ours: --hessian-eigenvalue logs the dominant eigenvalue of grad2_alpha L_val per epoch
        (RobustDARTS, Zela et al., ICLR 2020), a diagnostic that is not part of DARTS.
    11. Amended-DARTS, ours where the paper is silent or was not readable here: the amending
@@ -133,11 +133,11 @@ class Args(common.BaseArgs):
                       check=">=1")
     grad_clip: float = arg(5.0, "train_search.py --grad_clip 5 (weights only); 0 = no clipping", check=">=0")
     train_portion: float = arg(0.5, "train_search.py --train_portion 0.5 (weights / alpha split)", check="(0,1)")
-    unrolled: bool = arg(False, "second order, Eq. (6)-(7) (train_search.py --unrolled)")
+    unrolled: bool = arg(False, "second order, Eq. (7)-(8) (train_search.py --unrolled)")
     arch_lr: float = arg(3e-4, "train_search.py --arch_learning_rate 3e-4 (Adam)", check=">0",
                          aliases=("--arch-learning-rate",))
     arch_weight_decay: float = arg(1e-3, "train_search.py --arch_weight_decay 1e-3", check=">=0")
-    fd_r: float = arg(0.01, "Eq. (7): eps = fd_r / ||v|| (architect.py r=1e-2)", check=">0")
+    fd_r: float = arg(0.01, "Eq. (8): eps = fd_r / ||v|| (architect.py r=1e-2)", check=">0")
     # Amended-DARTS (Bi et al., arXiv:1910.11831): no official code, see Deviations 11-12
     amended: bool = arg(False, "Amended-DARTS architecture gradient g1 + g2' (instead of first/second order)")
     amending_coef: float = arg(0.1, "Amended-DARTS eta; not stated in what we could read, 0.1 as in "
@@ -334,7 +334,7 @@ def first_order_arch_grad(model, x_val, y_val):
 
 
 def finite_difference_hvp(train_loss, weights, alphas, v, r=0.01):
-    """Eq. (7): grad2_{alpha,w} L_train(w, alpha) . v
+    """Eq. (8): grad2_{alpha,w} L_train(w, alpha) . v
          ~ [grad_alpha L_train(w+, alpha) - grad_alpha L_train(w-, alpha)] / (2 eps),
        w+- = w +- eps v, eps = r / ||v||_2. Costs two forward-backward passes instead of
        |alpha| x |w| memory. train_loss() evaluates L_train at the weights as they are now;
@@ -356,7 +356,7 @@ def finite_difference_hvp(train_loss, weights, alphas, v, r=0.01):
 
 
 def unrolled_arch_grad(model, w_optimizer, xi, x_train, y_train, x_val, y_val, r=0.01):
-    """Second order, Eq. (5)-(7), as quark0/darts architect.py computes it:
+    """Second order, Eq. (6)-(8), as quark0/darts architect.py computes it:
         w'   = w - xi (mu m + grad_w L_train(w) + lambda w)        (Deviation 3)
         grad = grad_alpha L_val(w', alpha) - xi [grad2_{alpha,w} L_train(w, alpha)] grad_w' L_val(w', alpha)
     with the mixed second derivative from finite_difference_hvp on the same train batch."""
@@ -376,14 +376,14 @@ def unrolled_arch_grad(model, w_optimizer, xi, x_train, y_train, x_val, y_val, r
         for (name, w), g in zip(named_w, grads):
             m = w_optimizer.state.get(w, {}).get("momentum_buffer")  # zeros before the first SGD step
             step = g + wd * w + (mu * m if m is not None else 0.0)
-            # ALGO LOGIC: Eq. (5): w' = w - xi * (mu m + grad_w L_train + lambda w)
+            # ALGO LOGIC: Eq. (6): w' = w - xi * (mu m + grad_w L_train + lambda w)
             w_prime[name] = (w - xi * step).requires_grad_()
     buffers = {n: b.clone() for n, b in model.named_buffers()}  # the copy's BN stats are discarded
     val_loss = F.cross_entropy(functional_call(model, {**w_prime, **buffers}, (x_val,)), y_val)
     g_all = torch.autograd.grad(val_loss, alphas + list(w_prime.values()))
     d_alpha, v = g_all[:len(alphas)], g_all[len(alphas):]  # grad_alpha L_val(w'), v = grad_w' L_val(w')
     hvp = finite_difference_hvp(train_loss, weights, alphas, v, r)
-    # ALGO LOGIC: Eq. (6): grad_alpha L_val(w', alpha) - xi * grad2_{alpha,w} L_train(w, alpha) . v
+    # ALGO LOGIC: Eq. (7): grad_alpha L_val(w', alpha) - xi * grad2_{alpha,w} L_train(w, alpha) . v
     return [da - xi * h for da, h in zip(d_alpha, hvp)], val_loss.detach()
 
 

@@ -76,7 +76,7 @@ def test_finite_difference_error_shrinks_quadratically():
 
 @pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 3e-4)])
 def test_unrolled_arch_grad_equals_exact_unrolled_gradient(momentum, weight_decay):
-    """Eq. (5)-(7) against autograd through the unrolled step itself:
+    """Eq. (6)-(8) against autograd through the unrolled step itself:
     d/dalpha L_val(w - xi (mu m + grad_w L_train(w, alpha) + lambda w), alpha), m fixed."""
     model, [(xt, yt), (xv, yv)] = smooth_problem(2)
     opt = torch.optim.SGD(model.weight_parameters(), lr=0.1, momentum=momentum, weight_decay=weight_decay)
