@@ -57,8 +57,10 @@ METHODS = ["darts", "pc_darts", "p_darts", "gdas", "snas", "daas", "idarts", "vi
 EXTRA = {"enas": ["--controller-train-steps", "1", "--controller-num-aggregate", "1", "--derive-samples", "1",
                   "--stat-samples", "1"]}
 # the papers' published search costs (GPU-days), for the figure and the README
+# (DARTS: per search, as the PC-DARTS README counts it; GDAS: 0.17 with FRC, "four GPU hours"; VIM-NAS:
+# "within 10 minutes"; DAAS and iDARTS: none found)
 PAPER_GPU_DAYS = {"darts": 0.4, "darts (2nd order)": 1.0, "pc_darts": 0.1, "p_darts": 0.3, "gdas": 0.17,
-                  "snas": 1.5, "vim_nas": 10 / 60 / 24}
+                  "snas": 1.5, "enas": 0.45, "vim_nas": 10 / 60 / 24}
 
 
 @dataclasses.dataclass
@@ -267,11 +269,11 @@ def bench_method(name, args, runs_dir, switches):
             "train_loss": [r["train_loss"] for r in rows], "bench_wall_s": wall}
 
 
-def check_switches(name, args, runs_dir, device):
+def check_switches(name, args, runs_dir, device, switches=SWITCHES):
     """Each speed switch alone vs the plain run: the mean training loss of --check-steps steps."""
     plain, *_ = run_search(name, args, runs_dir, "plain", args.check_steps, {})
     out = []
-    for switch in SWITCHES:
+    for switch in switches:
         entry = {"method": name, "switch": common.flag(switch)}
         if switch in ("amp", "no_torch_deterministic") and device.type != "cuda":
             out.append({**entry, "ok": None, "note": "CUDA only: skipped"})
