@@ -31,7 +31,8 @@ compares the mean training loss of those steps: within --rtol of the plain run (
 bfloat16) or the switch is reported FAIL and bench.py exits 1.
 
 Output: the table on stdout, bench.json and bench.png (bars: search days per method) in --out-dir.
-The run folders of the searches go to a temporary folder (kept with --keep-runs, in --out-dir/runs).
+The run folders of the searches go to a temporary folder and their figures are not rendered (both kept
+with --keep-runs, in --out-dir/runs).
 """
 
 import contextlib
@@ -88,7 +89,7 @@ class Args:
     amp_rtol: float = arg(5e-2, "--check-switches: the same for --amp (bfloat16)", check=">0")
     seed: int = arg(2, "random seed of every run", check="[0,4294967295]")
     out_dir: str = arg("bench", "where bench.json and bench.png are written")
-    keep_runs: bool = arg(False, "keep the methods' run folders (in --out-dir/runs)")
+    keep_runs: bool = arg(False, "keep the methods' run folders, figures included (in --out-dir/runs)")
 
 
 # =====================================================================================
@@ -179,6 +180,16 @@ def steps_per_epoch(name, margs, n_images):
 
 
 @contextlib.contextmanager
+def patched(obj, name, value):
+    """obj.name = value inside the with block."""
+    original = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, original)
+
+
 def bigger_fake_set(n):
     """common's fake training set holds 1024 images; WARMUP+STEPS batches of 256 need more. FakeData makes
     image i from seed i on demand, so a longer one costs nothing."""
@@ -190,11 +201,13 @@ def bigger_fake_set(n):
             ds.size = max(ds.size, n)
         return ds, classes, size
 
-    common.load_dataset = load
-    try:
-        yield
-    finally:
-        common.load_dataset = original
+    return patched(common, "load_dataset", load)
+
+
+def no_figures(keep):
+    """The methods' figures are drawn but not rendered to files (seconds each on CPU) unless --keep-runs."""
+    import matplotlib.figure
+    return contextlib.nullcontext() if keep else patched(matplotlib.figure.Figure, "savefig", lambda *a, **k: None)
 
 
 def load_method(name):
@@ -226,7 +239,7 @@ def run_search(name, args, runs_dir, tag, steps, switches):
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     try:
-        with bigger_fake_set(n_fake), contextlib.redirect_stdout(io.StringIO()), saved:
+        with bigger_fake_set(n_fake), no_figures(args.keep_runs), saved, contextlib.redirect_stdout(io.StringIO()):
             mod.main(margs)
     finally:
         for handler in common.logging.getLogger(f"nas.{run_dir.resolve()}.0").handlers:
@@ -325,8 +338,8 @@ def plot(results, device, path):
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 0.45 * len(ok) + 1.8))
     y = range(len(ok))
     step = [r["step_s"] for r in ok]
-    a.barh(y, step, xerr=[[s - r["step_min_s"] for s, r in zip(step, ok)], [r["step_max_s"] - s for s, r in zip(step, ok)]],
-           color="C0")
+    spread = [[s - r["step_min_s"] for s, r in zip(step, ok)], [r["step_max_s"] - s for s, r in zip(step, ok)]]
+    a.barh(y, step, xerr=spread, color="C0")
     a.set_yticks(list(y), names)
     a.invert_yaxis()
     a.set_xlabel(f"seconds per search step on {device.type} (median, min-max)")
@@ -399,8 +412,8 @@ def main(args):
         print("* mean step including the warm-up steps (the method's history has no per-step times)")
     for c in checks:
         verdict = "skipped" if c["ok"] is None else "ok" if c["ok"] else "FAIL"
-        detail = c.get("note") or f"loss {c['loss']:.6f} vs plain {c['plain_loss']:.6f}, rel diff {c['rel_diff']:.2e} " \
-                                  f"(rtol {c['rtol']:g})"
+        detail = c.get("note") or (f"loss {c['loss']:.6f} vs plain {c['plain_loss']:.6f}, "
+                                   f"rel diff {c['rel_diff']:.2e} (rtol {c['rtol']:g})")
         print(f"switch {c['method']} {c['switch']}: {verdict}: {detail}")
     common.write_json(out_dir / "bench.json", {
         "command": "python bench.py " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "bench.py" else None,
