@@ -268,8 +268,8 @@ def bench_method(name, args, runs_dir, switches):
     stats = [step_times(r, args.warmup) for r in rows]  # one per stage (P-DARTS: 3), else one
     epoch_s = [s[0] * per_epoch for s in stats]
     gpu_mb = [r.get("peak_gpu_mb") for r in rows if r.get("peak_gpu_mb") is not None]
-    return {"method": name, "batch_size": margs.batch_size, "init_channels": margs.init_channels,
-            "layers": margs.layers, "image_size": args.image_size,
+    return {"method": name, "batch_size": margs.batch_size, "init_channels": getattr(margs, "init_channels", None),
+            "layers": getattr(margs, "layers", None), "image_size": args.image_size,
             "step_s": sum(s[0] for s in stats) / len(stats), "step_min_s": min(s[1] for s in stats),
             "step_max_s": max(s[2] for s in stats), "timing": stats[0][3],
             "stages": [{"step_s": s[0], "step_min_s": s[1], "step_max_s": s[2], "cells": r.get("cells")}
