@@ -5,7 +5,7 @@ For every method file, bench.py runs the file's own search (its main(), in this 
 --steps-per-epoch WARMUP+STEPS --no-retrain on random images, --dataset fake) and reads what common.Progress
 wrote per step to search_history.jsonl. A step is what the method does per training batch: for the
 DARTS family one architecture step on a val batch plus one weight step (GDAS, SNAS, VIM-NAS, DAAS alike;
-SNAS updates both on the same batch), for iDARTS whatever its search loop counts as one Progress step,
+SNAS updates both on the same batch), for iDARTS one alpha step with its --inner-steps (5) weight steps,
 for ENAS one shared-weight step of a sampled child. Warm-up epochs without architecture steps are switched
 off (--warmup-epochs 0 where a method has them), so every timed step is a full one.
 
@@ -170,13 +170,11 @@ def method_argv(name, mod, args, run_dir, steps, switches):
 
 
 def steps_per_epoch(name, margs, n_images):
-    """Progress steps in one full search epoch over n_images: batches of the weights' part of the split
-    (SNAS: all images; iDARTS: val batches x --inner-steps, its history counts weight steps)."""
+    """Steps in one full search epoch over n_images: batches of the weights' part of the split (SNAS: all
+    images; iDARTS: of the val half, one step = one alpha step with its --inner-steps weight steps)."""
     portion = getattr(margs, "train_portion", 1.0)
     n_train = math.floor(portion * n_images)
-    if name == "idarts":
-        return math.ceil((n_images - n_train) / margs.batch_size) * margs.inner_steps
-    return math.ceil(n_train / margs.batch_size)
+    return math.ceil(((n_images - n_train) if name == "idarts" else n_train) / margs.batch_size)
 
 
 @contextlib.contextmanager
@@ -289,7 +287,7 @@ def check_switches(name, args, runs_dir, device, switches=SWITCHES):
     for switch in switches:
         entry = {"method": name, "switch": common.flag(switch)}
         if switch in ("amp", "no_torch_deterministic") and device.type != "cuda":
-            out.append({**entry, "ok": None, "note": "CUDA only: skipped"})
+            out.append({**entry, "ok": None, "note": "CUDA only"})
             continue
         rows, *_ = run_search(name, args, runs_dir, switch, args.check_steps, {switch: True})
         tol = args.amp_rtol if switch == "amp" else args.rtol
