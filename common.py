@@ -233,6 +233,10 @@ def check_args(args):
             hint = difflib.get_close_matches(str(value), check, n=1)
             raise UsageError(f"unknown {flag(f.name)} {value!r}; choose one of {', '.join(check)}"
                              + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    if getattr(args, "nb201_benchmark", ""):
+        if getattr(args, "space", "darts") != "nb201":
+            raise UsageError("--nb201-benchmark looks up NAS-Bench-201 cells: it needs --space nb201")
+        nb201_api(args.nb201_benchmark)  # a missing file or API package is a one-line error, before any work
     if getattr(args, "lr_min", 0) > getattr(args, "lr", float("inf")):
         raise UsageError(f"--lr-min {args.lr_min} is above --lr {args.lr}: the cosine schedule would rise")
     check_out_dir(args)
@@ -933,9 +937,12 @@ def parse_genotype(text, more_names=()):
 
 
 def genotype_to_dict(g):
-    """What genotype.json holds: the Genotype's lists, or for an NB-201 arch string nb201_record's dict."""
+    """What genotype.json holds: the Genotype's lists, or for an NB-201 arch string nb201_record's dict; a
+    genotype that is already a dict (proxylessnas.py's layer-wise networks) is written as it is."""
     if isinstance(g, str):
         return nb201_record(g)
+    if isinstance(g, dict):
+        return dict(g)
     return {k: [list(e) if isinstance(e, tuple) else e for e in v] for k, v in g._asdict().items()}
 
 
@@ -1342,11 +1349,12 @@ def retrain(genotype, args, device, run_dir, log, method, build=None):
 # =====================================================================================
 # The pipeline of every method file's main(): search -> derive -> retrain -> test
 # =====================================================================================
-def run(args, script, method, device, genotype, search, build=None):
+def run(args, script, method, device, genotype, search, build=None, distributed_search=False):
     """What main() does after its own checks: load both data splits (errors before any run folder),
     make the run folder, seed, search (unless `genotype` is given), write genotype.json and its
     drawing, retrain with common.retrain (build: see retrain) and write results.json.
-    search(args, device, run_dir, log) -> (genotype, summary dict)."""
+    search(args, device, run_dir, log) -> (genotype, summary dict). distributed_search=True: the method's
+    search runs under torchrun itself (every rank calls search and returns the same genotype)."""
     if genotype is not None and args.no_retrain:
         raise UsageError("--genotype skips the search and --no-retrain skips retraining: nothing to do")
     nb201 = getattr(args, "space", "darts") == "nb201"
@@ -1356,7 +1364,7 @@ def run(args, script, method, device, genotype, search, build=None):
                                                       f"; {Path(script).stem} has no NAS-Bench-201 space"))
     check_data(args)
     rank, world, device = setup_distributed(device)
-    if world > 1 and genotype is None:
+    if world > 1 and genotype is None and not distributed_search:
         raise UsageError("under torchrun only retraining is distributed: search with one process, then "
                          "pass --genotype runs/<run>/genotype.json")
     run_dir, log = start_run(args, script)
@@ -1369,7 +1377,8 @@ def run(args, script, method, device, genotype, search, build=None):
     results["genotype"] = genotype_to_dict(genotype)
     if rank == 0:
         write_json(run_dir / "genotype.json", results["genotype"])
-        (plot_nb201_cell if isinstance(genotype, str) else plot_genotype)(genotype, run_dir / "genotype.png")
+        if not isinstance(genotype, dict):  # a dict genotype (proxylessnas.py) is no cell: its file draws it
+            (plot_nb201_cell if isinstance(genotype, str) else plot_genotype)(genotype, run_dir / "genotype.png")
     if not args.no_retrain:
         results["retrain"] = retrain(genotype, args, device, run_dir, log, method, build)
     if rank != 0:
@@ -1628,6 +1637,41 @@ def nb201_record(arch):
     return {"space": "nb201", "arch": arch, "nb201_index": nb201_index(arch)}
 
 
+NB201_BENCHMARK_HELP = ("a NAS-Bench-201 benchmark file (NAS-Bench-201-v1_1-096897.pth, pip nas-bench-201) or "
+                       "NATS-Bench topology file/folder (NATS-tss-v1_0-3ffb9*, pip nats_bench): every search epoch "
+                       "logs the derived cell's CIFAR-10/100 and ImageNet16-120 accuracies from it, as "
+                       "exps/NAS-Bench-201-algos/*.py do (needs --space nb201)")
+
+
+def nb201_epoch_row(args, arch, log):
+    """What a search epoch in the NB-201 space records of its derived cell (search_history.jsonl): the arch
+    string, its benchmark index and, with --nb201-benchmark, the benchmark's 200-epoch accuracies of it
+    (nb201_lookup), which the benchmark's own search scripts log every epoch (DARTS-V1.py line 339)."""
+    row = {"arch": arch, "nb201_index": nb201_index(arch)}
+    if getattr(args, "nb201_benchmark", ""):
+        row["nb201"] = acc = nb201_lookup(args.nb201_benchmark, arch)
+        log.info("NAS-Bench-201 %d: cifar10 valid %.2f test %.2f | cifar100 valid %.2f test %.2f | ImageNet16-120 "
+                 "valid %.2f test %.2f", row["nb201_index"], *acc.values())
+    return row
+
+
+def plot_nb201_history(history, path):
+    """The benchmark accuracies of each epoch's derived cell (rows of nb201_epoch_row with "nb201")."""
+    plt = pyplot()
+    rows = [r for r in history if "nb201" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in rows[0]["nb201"]:
+        ax.plot([r["epoch"] + 1 for r in rows], [r["nb201"][key] for r in rows], label=key, marker=".")
+    ax.set_xlabel("search epoch")
+    ax.set_ylabel("benchmark accuracy of the derived cell (%)")
+    ax.set_title("NAS-Bench-201 lookup")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 # The benchmark's 200-epoch training (configs/nas-benchmark/hyper-opts/200E.config, lines 2-12, the
 # same values as CIFAR.config and ImageNet-16.config; exps/NAS-Bench-201/functions.py procedure()
 # steps without gradient clipping): no auxiliary head, no drop-path, no cutout; crop + flip only.
@@ -1764,7 +1808,8 @@ def pyplot():
 
 
 def plot_alphas(weights, path, primitives=PRIMITIVES, title="softmax(alpha)"):
-    """Heatmap per cell type: weights = {"normal": (E, n_ops), "reduce": (E, n_ops)}."""
+    """Heatmap per cell type: weights = {"normal": (E, n_ops), "reduce": (E, n_ops)}; with
+    primitives=NB201_PRIMITIVES, {"cell": (6, 5)} rows labelled by NB201_EDGES."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(weights), figsize=(5.5 * len(weights), 6), squeeze=False)
     for ax, (cell, w) in zip(axes[0], weights.items()):
@@ -1772,7 +1817,8 @@ def plot_alphas(weights, path, primitives=PRIMITIVES, title="softmax(alpha)"):
         lo, hi = w.min(), max(w.max(), w.min() + 1e-6)  # relative scale: early alphas are near uniform
         im = ax.imshow(w, cmap="viridis", vmin=lo, vmax=hi, aspect="auto")
         ax.set_xticks(range(len(primitives)), primitives, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(len(w)), [f"{i}->{n}" for n, i in edge_names(len(w))], fontsize=7)
+        rows = NB201_EDGES if primitives == NB201_PRIMITIVES else edge_names(len(w))  # (to, from) per row
+        ax.set_yticks(range(len(w)), [f"{i}->{n}" for n, i in rows], fontsize=7)
         ax.set_title(f"{cell} cell: {title}")
         for (r, c), v in np.ndenumerate(w):
             ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6,

@@ -18,6 +18,16 @@ Reproduce the paper (search, derive the cell, retrain 600 epochs, test on CIFAR-
     python darts.py --genotype DARTS_V2 # retrain the published cell only
     python darts.py --amended           # Amended-DARTS gradient, DARTS search space and defaults
     python darts.py --early-stop        # DARTS+: first-order DARTS that stops at criterion 1 or 2
+    python darts.py --space nb201       # NAS-Bench-201 ("DARTS-V1" of the benchmark paper; add --unrolled for V2)
+
+NAS-Bench-201 (Dong & Yang, ICLR 2020, arXiv:2001.00326), --space nb201: the same mixed op (Eq. 2) and
+architecture steps on the benchmark's cell (4 nodes, 6 edges, 5 ops, 'none' allowed in the derived cell)
+in its macro network, one alpha of shape (6, 5) shared by every cell (xautodl search_model_darts.py
+TinyNetworkDarts). Defaults then follow the benchmark's DARTS protocol (Args.NB201; D-X-Y/AutoDL-Projects
+@ f46486e configs/nas-benchmark/algos/DARTS.config and scripts-search/NAS-Bench-201-algos/DARTS-V1.sh,
+DARTS-V2.sh); the derived cell is retrained with the benchmark's 200-epoch recipe or, with
+--nb201-benchmark, looked up every epoch. --amended applies unchanged (its estimator is space-free);
+--early-stop (DARTS+) is refused: its criteria are defined on the DARTS normal cell's 8 kept edges.
 
 Equations implemented (numbers of arXiv v2, also used in notebooks/darts.ipynb):
     Eq. (1)  x_j = sum_{i<j} o_bar^(i,j)(x_i)                          -> SearchCell.forward
@@ -73,6 +83,17 @@ Deviations from the paper (each is what the official code does, unless marked "o
        longer, retraining is not reproduced).
    14. ours: the searched cell is derived after the last epoch; train_search.py logs model.genotype() at
        the start of each epoch (lines 113-114), so its last logged cell is the one before epoch 49 trains.
+   15. --space nb201, ours: the cosine lr steps once per epoch; the benchmark's scripts anneal it every
+       step (DARTS-V1.py line 46, scheduler.update(None, step / len(loader))).
+   16. --space nb201, ours: first order takes the arch step before the weight step, as darts.py does in
+       the DARTS space; the benchmark's DARTS-V1.py does the weight step first (lines 52-73). Its
+       DARTS-V2.py has our order (lines 142-167).
+   17. --space nb201: gradient clipping (5) covers the weights only; the benchmark clips
+       network.parameters() (DARTS-V1.py line 58, DARTS-V2.py line 166), which includes alpha's
+       gradient of the weight step's train loss (unused: a_optimizer zeroes it before its own step).
+   18. --space nb201, ours: the weights / alpha split is darts.py's 50/50 cut of the training set by
+       index; the benchmark uses its fixed random halves of CIFAR-10 train (configs/nas-benchmark/
+       cifar-split.txt) and, for CIFAR-100 / ImageNet16-120, halves of their test sets.
    Plus the deviations shared by every method file, listed in common.py's docstring (C1-C5).
 
 Runs: --resume RUN_DIR continues a killed run; under torchrun only retraining is distributed
@@ -103,10 +124,13 @@ class Args(common.BaseArgs):
     lr: float = arg(0.025, "train_search.py --learning_rate 0.025 (weights, SGD)", check=">0")
     lr_min: float = arg(0.001, "train_search.py --learning_rate_min 0.001 (cosine floor)", check=">=0")
     momentum: float = arg(0.9, "train_search.py --momentum 0.9", check="[0,1)")
+    nesterov: bool = arg(False, "Nesterov momentum for the weights (train_search.py: off; NAS-Bench-201's "
+                         "DARTS.config line 10: on)")
     weight_decay: float = arg(3e-4, "train_search.py --weight_decay 3e-4", check=">=0")
     init_channels: int = arg(16, "train_search.py --init_channels 16", check=">=1")
     layers: int = arg(8, "train_search.py --layers 8 (cells in the supernet; at least 3, or there is no normal "
-                      "cell and alphas_normal gets no gradient)", check=">=3")
+                      "cell and alphas_normal gets no gradient); --space nb201: N, search cells per stage (>=1)",
+                      check=">=1")
     grad_clip: float = arg(5.0, "train_search.py --grad_clip 5 (weights only); 0 = no clipping", check=">=0")
     train_portion: float = arg(0.5, "train_search.py --train_portion 0.5 (weights / alpha split)", check="(0,1)")
     unrolled: bool = arg(False, "second order, Eq. (6)-(7) (train_search.py --unrolled)")
@@ -131,17 +155,41 @@ class Args(common.BaseArgs):
     hessian_eigenvalue: bool = arg(False, "ours: log the dominant eigenvalue of the val-loss Hessian in "
                                    "alpha per epoch (RobustDARTS collapse signal) and plot it")
     eigen_batches: int = arg(2, "ours: val batches the eigenvalue is computed on", check=">=1")
+    # NAS-Bench-201 (issue 15)
+    space: str = arg("darts", "darts | nb201: the NAS-Bench-201 cell (4 nodes, 6 edges, 5 ops) in the benchmark's "
+                     "macro network; defaults then follow configs/nas-benchmark/algos/DARTS.config and "
+                     "scripts-search/NAS-Bench-201-algos/DARTS-V1.sh (see [--space nb201: ...])",
+                     check=("darts", "nb201"))
+    nb201_benchmark: str = arg("", common.NB201_BENCHMARK_HELP)
+    track_running_stats: bool = arg(True, "--space nb201: BN running statistics in the search cells (the "
+                                    "benchmark's DARTS-V1.sh / DARTS-V2.sh BN argument; docs/NAS-Bench-201.md "
+                                    "lines 227-228 run them with 1); --no-track-running-stats uses batch "
+                                    "statistics in evaluation too")
+
+    # The benchmark's DARTS protocol (D-X-Y/AutoDL-Projects @ f46486e). configs/nas-benchmark/algos/DARTS.config
+    # (used by DARTS-V1.sh and DARTS-V2.sh, line 39): cosine lr 0.025 -> eta_min 0.001 (lines 2-4), 50 epochs
+    # (line 5), SGD decay 5e-4, momentum 0.9, Nesterov (lines 7-10), batch 64 (line 12). DARTS-V1.sh lines
+    # 20-21, 42: C=16, N=5, arch Adam lr 3e-4, wd 1e-3 (betas (0.5, 0.999): DARTS-V1.py / DARTS-V2.py
+    # a_optimizer); grad clip 5 (DARTS-V1.py --gradient_clip default, line 383; DARTS-V2.py line 166).
+    NB201 = {"epochs": 50, "batch_size": 64, "lr": 0.025, "lr_min": 0.001, "momentum": 0.9, "nesterov": True,
+             "weight_decay": 5e-4, "init_channels": 16, "layers": 5, "grad_clip": 5.0, "arch_lr": 3e-4,
+             "arch_weight_decay": 1e-3}
 
 
 # =====================================================================================
 # Search space: mixed op, search cell, supernet
 # =====================================================================================
 class MixedOp(nn.Module):
-    """All candidate ops on one edge; search ops have affine=False and pools get a BN (official)."""
+    """All candidate ops on one edge; search ops have affine=False and pools get a BN (official). With
+    space="nb201" the ops are NB-201's five at C -> C, pools without a BN (search_cells.py NAS201SearchCell)."""
 
-    def __init__(self, C, stride):
+    def __init__(self, C, stride, space="darts", track_running_stats=True):
         super().__init__()
         self.ops = nn.ModuleList()
+        if space == "nb201":
+            self.ops.extend(common.NB201_OPS[name](C, C, stride, False, track_running_stats)
+                            for name in common.NB201_PRIMITIVES)
+            return
         for name in PRIMITIVES:
             op = OPS[name](C, stride, False)
             if "pool" in name:
@@ -213,6 +261,67 @@ class Network(nn.Module):
 
     def genotype(self):
         return derive_genotype(F.softmax(self.alphas_normal, -1), F.softmax(self.alphas_reduce, -1))
+
+
+class NB201SearchCell(nn.Module):
+    """The NAS-Bench-201 search cell: node i = sum_{j<i} o_bar^(i,j)(node j) over common.NB201_EDGES,
+    output node 3 (Eq. (1) on the benchmark's DAG)."""
+
+    def __init__(self, C, track_running_stats=True):
+        super().__init__()
+        self.edges = nn.ModuleList(MixedOp(C, 1, "nb201", track_running_stats) for _ in common.NB201_EDGES)
+
+    def forward(self, x, weights):  # x: (B, C, H, W), weights: (6, 5)
+        nodes = [x]
+        for i in range(1, common.NB201_NODES):
+            # ALGO LOGIC: Eq. (1): x_i = sum_{j<i} o_bar^(i,j)(x_j)
+            nodes.append(sum(self.edges[e](nodes[j], weights[e]) for e, (to, j) in enumerate(common.NB201_EDGES)
+                             if to == i))
+        return nodes[-1]
+
+
+class NB201Network(nn.Module):
+    """The DARTS supernet in the NAS-Bench-201 space (search_model_darts.py TinyNetworkDarts): stem, 3 stages
+    of N search cells at C, 2C, 4C with a residual block between stages, BN-ReLU, pool, linear; one
+    alpha (6, 5) shared by all cells (no normal / reduce split)."""
+
+    def __init__(self, C, num_classes, N, track_running_stats=True):
+        super().__init__()
+        self.stem = common.nb201_stem(C)
+        self.cells = nn.ModuleList(NB201SearchCell(c_in, track_running_stats) if kind == "cell"
+                                   else common.NB201ResNetBlock(c_in, c_out) for kind, c_in, c_out in common.nb201_layout(C, N))
+        self.lastact = common.nb201_lastact(4 * C)
+        self.classifier = nn.Linear(4 * C, num_classes)
+        # Deviation 1: 1e-3 * N(0, 1), as search_model_darts.py line 61
+        self.alphas = nn.Parameter(1e-3 * torch.randn(len(common.NB201_EDGES), len(common.NB201_PRIMITIVES)))
+
+    def forward(self, x):
+        w = F.softmax(self.alphas, dim=-1)  # (6, 5)
+        h = self.stem(x)
+        for cell in self.cells:
+            h = cell(h, w) if isinstance(cell, NB201SearchCell) else cell(h)
+        return self.classifier(F.adaptive_avg_pool2d(self.lastact(h), 1).flatten(1))  # (B, num_classes)
+
+    def arch_parameters(self):
+        return [self.alphas]
+
+    def weight_parameters(self):
+        return [p for n, p in self.named_parameters() if n != "alphas"]
+
+    def genotype(self):
+        return common.nb201_derive(F.softmax(self.alphas, -1))  # argmax per edge, 'none' allowed
+
+
+def softmax_alphas(model):
+    """{"normal": (14, 8), "reduce": (14, 8)} or, in the NB-201 space, {"cell": (6, 5)}: softmax(alpha) as lists."""
+    if isinstance(model, NB201Network):
+        return {"cell": F.softmax(model.alphas, -1).tolist()}
+    return {"normal": F.softmax(model.alphas_normal, -1).tolist(), "reduce": F.softmax(model.alphas_reduce, -1).tolist()}
+
+
+def raw_alphas(model):
+    names = ["cell"] if isinstance(model, NB201Network) else ["normal", "reduce"]
+    return dict(zip(names, (a.detach().cpu() for a in model.arch_parameters())))
 
 
 # =====================================================================================
@@ -420,11 +529,14 @@ def search(args, device, run_dir, log):
     train_set, num_classes, _ = common.load_dataset(args.dataset, args.data, True, args.image_size)
     train_data, val_data = common.search_loaders(train_set, args.batch_size, args.train_portion, generator,
                                                  args.workers)
-    model = common.speed_up(Network(args.init_channels, num_classes, args.layers).to(device), args)
+    nb201 = args.space == "nb201"
+    net = NB201Network(args.init_channels, num_classes, args.layers, args.track_running_stats) if nb201 else \
+        Network(args.init_channels, num_classes, args.layers)
+    model = common.speed_up(net.to(device), args)
     log.info("supernet: %.3f M weights, alphas %s", sum(p.numel() for p in model.weight_parameters()) / 1e6,
              [tuple(a.shape) for a in model.arch_parameters()])
     w_optimizer = torch.optim.SGD(model.weight_parameters(), args.lr, momentum=args.momentum,
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, nesterov=args.nesterov)
     # architect.py: Adam with betas (0.5, 0.999), weight decay 1e-3
     a_optimizer = torch.optim.Adam(model.arch_parameters(), args.arch_lr, betas=(0.5, 0.999),
                                    weight_decay=args.arch_weight_decay)
@@ -448,14 +560,13 @@ def search(args, device, run_dir, log):
         if args.hessian_eigenvalue:
             eig = val_hessian_eigenvalue(model, val_data, device, args.eigen_batches)
         genotype = model.genotype()
-        weights = {"normal": F.softmax(model.alphas_normal, -1).tolist(),
-                   "reduce": F.softmax(model.alphas_reduce, -1).tolist()}
+        weights = softmax_alphas(model)
         alpha_history.append(weights)
         # ALGO LOGIC: DARTS+: stop the search at criterion 1 or 2; this epoch's cell is the result
         stop = darts_plus_stop(alpha_history, args.stop_skip, args.stable_epochs, args.stop_min_epochs) \
             if args.early_stop else None
         row = {"epoch": epoch, "lr": lr, **train, "val_loss": val_loss, "val_acc": val_acc, "seconds": time.time() - t0,
-               "genotype": common.genotype_to_dict(genotype)}
+               "genotype": common.genotype_to_dict(genotype), **(common.nb201_epoch_row(args, genotype, log) if nb201 else {})}
         if stop:
             row["early_stop"] = stop
         if args.hessian_eigenvalue:
@@ -464,8 +575,7 @@ def search(args, device, run_dir, log):
         history.append(row)
         common.append_jsonl(run_dir / "search_history.jsonl", row)
         common.append_jsonl(run_dir / "alphas.jsonl", {"epoch": epoch, "softmax": weights,
-                                                       "alpha": {"normal": model.alphas_normal.tolist(),
-                                                                 "reduce": model.alphas_reduce.tolist()}})
+                                                       "alpha": {k: a.tolist() for k, a in raw_alphas(model).items()}})
         common.write_json(run_dir / "genotype.json", common.genotype_to_dict(genotype))
         log.info("search epoch %d lr %.5f train_acc %.2f val_acc %.2f %.1fs", epoch, lr, row["train_acc"], val_acc,
                  row["seconds"])
@@ -474,14 +584,17 @@ def search(args, device, run_dir, log):
         common.save_checkpoint(run_dir / "checkpoint_search.pt", {
             **common.make_checkpoint("darts", epoch, args, generator, model=model, w_optimizer=w_optimizer,
                                      a_optimizer=a_optimizer, scheduler=scheduler),
-            "alphas": {"normal": model.alphas_normal.detach().cpu(), "reduce": model.alphas_reduce.detach().cpu()},
+            "alphas": raw_alphas(model),
             "genotype": common.genotype_to_dict(genotype)})
         if stop:
             log.info("DARTS+ early stop at epoch %d, %s", epoch, stop)
             break
     genotype = model.genotype()  # also when a resumed run had nothing left to search
-    common.plot_alphas(alpha_history[-1], run_dir / "alphas.png")
-    common.plot_alpha_evolution(alpha_history, run_dir / "alpha_evolution.png")
+    primitives = common.NB201_PRIMITIVES if nb201 else PRIMITIVES
+    common.plot_alphas(alpha_history[-1], run_dir / "alphas.png", primitives=primitives)
+    common.plot_alpha_evolution(alpha_history, run_dir / "alpha_evolution.png", primitives=primitives)
+    if nb201 and "nb201" in history[-1]:
+        common.plot_nb201_history(history, run_dir / "nb201.png")
     common.plot_curves(history, ["train_acc", "val_acc"], run_dir / "search_curves.png", "DARTS search")
     if args.hessian_eigenvalue:
         common.plot_curves(history, ["hessian_eigenvalue"], run_dir / "hessian_eigenvalue.png",
@@ -501,6 +614,11 @@ def main(args):
     args, device = common.prepare(args, __file__)  # --resume's flags, the device, every flag's range
     if args.unrolled and args.amended:
         raise UsageError("--unrolled (second order) and --amended are two architecture gradients; pick one")
+    if args.space == "darts" and args.layers < 3:
+        raise UsageError(f"--layers must be >=3, got {args.layers} (the DARTS supernet needs a normal cell)")
+    if args.space == "nb201" and args.early_stop:
+        raise UsageError("--early-stop (DARTS+) is defined on the DARTS space's normal cell; it has no NAS-Bench-201 "
+                         "form: drop --early-stop or --space nb201")
     genotype = common.parse_genotype(args.genotype) if args.genotype else None  # fail before any work
     return common.run(args, __file__, "darts", device, genotype, search)
 

@@ -11,6 +11,8 @@ Reproduce the paper (search, pick the cell, retrain, test on CIFAR-10):
     python enas.py --genotype "0 2 0 0 0 4 0 1 0 4 1 1 1 0 0 1 0 2 1 1 1 0 1 0 0 3 0 2 1 1 3 1 1 0 0 4 0 3 1 1"
                         # an ENAS arc, normal then reduce cell (here the official final script's fixed_arc)
     python enas.py --controller-train-steps 0       # ablation: weight sharing with the untrained policy
+    python enas.py --space nb201                    # NAS-Bench-201 cell, the benchmark's ENAS protocol (Deviation 15)
+    python enas.py --space nb201 --nb201-benchmark NAS-Bench-201-v1_1-096897.pth  # + benchmark lookup per epoch
 
 Equations implemented. The paper numbers only Eq. (1); (2)-(8) are our labels for the unnumbered
 formulas of the paper and the official code, the same labels as in notebooks/enas.ipynb:
@@ -23,6 +25,9 @@ formulas of the paper and the official code, the same labels as in notebooks/ena
     Eq. (7)  index logits v' tanh(W1 h_j + W2 h_t) over the earlier nodes j   -> Controller._cell
     Eq. (8)  node = op_a(x_i) + op_b(x_j); cell output = the loose ends, concatenated -> EnasCell.forward
     paper, "deriving architectures": sample several, keep the best reward on one val minibatch -> derive
+    --space nb201: the controller samples one op per edge of the 6-edge NAS-Bench-201 cell (Eq. (5)-(6) per
+             edge), the shared network runs it in every cell, REINFORCE as above -> NB201Controller, NB201SharedNet,
+             derive_nb201 (best of sampled cells, each on its own val minibatch)
 
 Deviations from the paper (each is what the official code does, unless marked "ours"):
     1. The controller is a 1-layer LSTM with 64 units and no biases, all weights U(-0.1, 0.1), op-logit
@@ -107,6 +112,32 @@ Deviations from the paper (each is what the official code does, unless marked "o
        only passes the 0.4-weighted aux loss down to the cells below it (the final script's training
        too). enas.py does the same by default (the head's parameters get no gradient step and no weight
        decay); ours, --train-aux-head: trained and decayed like every other weight.
+   15. --space nb201 follows the benchmark authors' ENAS (D-X-Y/AutoDL-Projects @ f46486e):
+       exps/NAS-Bench-201-algos/ENAS.py, scripts-search/NAS-Bench-201-algos/ENAS.sh lines 21-22 and 43-47,
+       configs/nas-benchmark/algos/ENAS.config lines 2-16, xautodl/models/cell_searchs/search_model_enas.py and
+       search_model_enas_utils.py. Controller (utils lines 13-74): a 2-layer LSTM with 32 units walks the 6
+       edges, logits = 2.5 tanh(W h / 5) (Eq. (5) with temperature 5, tanh constant 2.5), an op sampled per
+       edge, its embedding fed back; input, LSTM layer-0 weights, embedding and output weight U(-0.1, 0.1),
+       the rest torch's default. torch Adam lr 1e-3, betas (0, 0.999), eps 1e-3 (ENAS.py lines 313-318;
+       not TFAdam), controller gradient-norm clip 5 (line 169); 50 updates of 20 aggregated cells per epoch,
+       entropy weight 1e-4, baseline decay 0.99 (ENAS.sh lines 43-46). Shared network (search_model_enas.py
+       lines 23-60): C 16, N 5, cell ops affine=False, the stem, resblocks and lastact as the benchmark's;
+       SGD Nesterov lr 0.05, weight decay 2.5e-4 on every weight, batch 128, 250 epochs, clip 5 (ENAS.py
+       line 63), cosine to 5e-4 with T_max 10 and no restart (optimizers.py CosineAnnealingLR: lr = eta_min +
+       (lr - eta_min)(1 + cos(pi e / 10)) / 2 for every epoch e, so it swings back up with period 20:
+       --lr-schedule cosine); no dropout, no auxiliary head; the 25K/25K halves, the val half with the
+       train augmentation (ENAS.py line 282, as Deviation 9). Derived cell (the official rule): every
+       epoch the best of 10 sampled cells (get_best_arch, lines 203-228: each on its own val minibatch) is
+       logged with its benchmark accuracies; after the last epoch the best of --final-samples 100 sampled
+       cells is the result (lines 502-504). ours: BN in the cell ops uses batch statistics always (ENAS.sh
+       takes track_running_stats as its BN argument; we use 0, as Deviation 7); the baseline starts at 0
+       (official: the first reward); the entropy bonus is held constant (Deviation 2; the official reward
+       keeps its gradient); retraining is the benchmark's 200-epoch recipe (common.NB201_RETRAIN_ARGS) or a
+       lookup with --nb201-benchmark.
+   16. There is no official ImageNet retraining for the ENAS micro cell (melodyguan/enas has CIFAR-10 and
+       Penn Treebank scripts only): --dataset imagenet uses DARTS's train_imagenet.py recipe
+       (common.IMAGENET_RETRAIN_ARGS); Args has no IMAGENET of its own. --channels-last and --compile apply
+       to the shared network (common.speed_up), as in darts.py.
    Not verified against the paper PDF (no full text was readable here): the section numbers, the
    paper-side hyperparameters in 1, and what its 4.6 M parameters count (notebooks/enas.ipynb, sec. 6).
    Plus the deviations shared by every method file, listed in common.py's docstring (C1-C5).
@@ -123,7 +154,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from common import OPS, Genotype, UsageError, arg
+from common import NB201_EDGES, NB201_PRIMITIVES, OPS, Genotype, UsageError, arg
 
 ENAS_OPS = ["sep_conv_3x3", "sep_conv_5x5", "avg_pool_3x3", "max_pool_3x3", "skip_connect"]  # official ids 0..4
 
@@ -141,13 +172,17 @@ class Args(common.BaseArgs):
     lr_min: float = arg(0.0005, "micro_search.sh --child_lr_min=0.0005", check=">=0")
     lr_t0: int = arg(10, "micro_search.sh --child_lr_T_0=10 (epochs in the first cosine period)", check=">=1")
     lr_t_mul: int = arg(2, "micro_search.sh --child_lr_T_mul=2 (restarts at epochs 10, 30, 70)", check=">=1")
+    lr_schedule: str = arg("sgdr", "sgdr: cosine with warm restarts (lr_t0, lr_t_mul) | cosine: cos(pi e / lr_t0) "
+                           "without restarts, swinging back up (NAS-Bench-201 ENAS.config T_max 10)",
+                           check=("sgdr", "cosine"))
     momentum: float = arg(0.9, "utils.py get_train_ops: momentum 0.9, Nesterov", check="[0,1)")
     weight_decay: float = arg(2e-4, "2 x micro_search.sh --child_l2_reg=1e-4 (TF adds l2 * sum w^2 to the loss)",
                               check=">=0")
     init_channels: int = arg(20, "micro_search.sh --child_out_filters=20", check=">=1")
     layers: int = arg(8, "cells: micro_search.sh --child_num_layers=6 normal + 2 reduction (micro_child.py); at "
                       "least 3: reduction cells sit at layers//3 and 2*layers//3, so fewer cells have no normal "
-                      "cell and the normal arc would be rewarded for nothing", check=">=3")
+                      "cell and the normal arc would be rewarded for nothing (--space nb201: N, cells per stage, "
+                      "at least 1)", check=">=1")
     nodes: int = arg(5, "micro_search.sh --child_num_cells=5 computed nodes per cell (B = nodes + 2)", check=">=1")
     dropout: float = arg(0.1, "1 - micro_search.sh --child_keep_prob=0.90 (before the classifier)", check="[0,1)")
     search_auxiliary: bool = arg(True, "micro_search.sh --child_use_aux_heads (weight --auxiliary-weight)")
@@ -157,6 +192,10 @@ class Args(common.BaseArgs):
                            check=">=0")
     train_portion: float = arg(0.9, "data_utils.py num_valids=5000: the last 5K of 50K validate", check="(0,1)")
     lstm_size: int = arg(64, "main.py lstm_size=64, lstm_num_layers=1 (paper: 100 units [mem])", check=">=1")
+    lstm_layers: int = arg(1, "LSTM layers of the controller (main.py lstm_num_layers=1; more need --space nb201)",
+                           check=">=1")
+    controller_grad_clip: float = arg(0.0, "controller gradient-norm clip; 0 = none (melodyguan: none; NAS-Bench-201 "
+                                      "ENAS.py line 169: 5)", check=">=0")
     arch_lr: float = arg(0.0035, "micro_search.sh --controller_lr=0.0035 (TF1 Adam, beta1 0, epsilon 1e-3, "
                          "Deviation 1)", check=">0", aliases=("--controller-lr",))
     controller_train_steps: int = arg(30, "micro_search.sh --controller_train_steps=30 updates per epoch "
@@ -176,6 +215,13 @@ class Args(common.BaseArgs):
     derive_samples: int = arg(10, "main.py: 10 sampled cells scored on a val minibatch per epoch; best is kept",
                               check=">=1")
     stat_samples: int = arg(100, "ours: sampled cells per epoch behind the marginals in alphas.jsonl", check=">=1")
+    final_samples: int = arg(0, "after the search, the best of this many sampled cells (each on its own val "
+                             "minibatch) is the result; 0 = the last epoch's best of --derive-samples (main.py)",
+                             check=">=0")
+    space: str = arg("darts", "darts | nb201: the NAS-Bench-201 cell (4 nodes, 6 edges, 5 ops) in the benchmark's "
+                     "macro network; defaults then follow AutoDL-Projects ENAS.sh and ENAS.config (Deviation 15; "
+                     "see [--space nb201: ...])", check=("darts", "nb201"))
+    nb201_benchmark: str = arg("", common.NB201_BENCHMARK_HELP)
     # retraining: scripts/cifar10_micro_final.sh where common.retrain has the knob (Deviation 11)
     retrain_epochs: int = arg(630, "micro_final.sh --num_epochs=630", "retrain", ">=1")
     retrain_batch_size: int = arg(144, "micro_final.sh --batch_size=144", "retrain", ">=2")
@@ -184,6 +230,16 @@ class Args(common.BaseArgs):
     retrain_layers: int = arg(17, "micro_final.sh --child_num_layers=15 + 2 reduction cells (at least 3: "
                               "reduction cells sit at 1/3 and 2/3, so fewer cells have no normal cell)", "retrain",
                               ">=3")
+
+    # Deviation 15: D-X-Y/AutoDL-Projects configs/nas-benchmark/algos/ENAS.config lines 2-16 and
+    # scripts-search/NAS-Bench-201-algos/ENAS.sh lines 21-22, 43-47; the controller's own defaults,
+    # search_model_enas_utils.py lines 17-20
+    NB201 = {"epochs": 250, "batch_size": 128, "lr": 0.05, "lr_min": 0.0005, "lr_schedule": "cosine", "lr_t0": 10,
+             "momentum": 0.9, "weight_decay": 2.5e-4, "init_channels": 16, "layers": 5, "dropout": 0.0,
+             "search_auxiliary": False, "grad_clip": 5.0, "train_portion": 0.5, "lstm_size": 32, "lstm_layers": 2,
+             "arch_lr": 0.001, "controller_grad_clip": 5.0, "controller_train_steps": 50,
+             "controller_num_aggregate": 20, "entropy_weight": 1e-4, "bl_dec": 0.99, "tanh_constant": 2.5,
+             "controller_temperature": 5.0, "derive_samples": 10, "final_samples": 100}
 
 
 # =====================================================================================
@@ -353,8 +409,80 @@ class Network(nn.Module):
 
 
 def arc_at(arcs, b):
-    """Row b of a batch of sampled arcs as the (normal, reduce) lists of ints the network takes."""
-    return arcs[0][b].tolist(), arcs[1][b].tolist()
+    """Row b of a batch of sampled arcs as the (normal, reduce) lists of ints the network takes
+    (--space nb201: a 1-tuple, the 6 edges' op indices)."""
+    return tuple(a[b].tolist() for a in arcs)
+
+
+class NB201Controller(nn.Module):
+    """--space nb201 (search_model_enas_utils.py Controller, lines 13-74): an LSTM walks the 6 edges in
+    NB201_EDGES order; per edge it outputs op logits (Eq. (5)), samples an op (Eq. (6)) and feeds the op's
+    embedding to the next step. Same interface as Controller: forward(batch, arcs) -> ((ops (B, 6),),
+    log_prob (B,), entropy (B,), [softmax (B, 5) per edge])."""
+
+    def __init__(self, lstm_size=32, lstm_layers=2, tanh_constant=2.5, temperature=5.0):
+        super().__init__()
+        H, K = lstm_size, len(NB201_PRIMITIVES)
+        self.tanh_constant, self.temperature = tanh_constant, temperature
+        self.input_vars = nn.Parameter(torch.empty(1, 1, H))
+        self.lstm = nn.LSTM(H, H, num_layers=lstm_layers)
+        self.w_embd = nn.Embedding(K, H)
+        self.w_pred = nn.Linear(H, K)
+        for w in (self.input_vars, self.lstm.weight_hh_l0, self.lstm.weight_ih_l0, self.w_embd.weight,
+                  self.w_pred.weight):
+            nn.init.uniform_(w, -0.1, 0.1)  # lines 42-46; the other weights keep torch's default init
+
+    def forward(self, batch=1, arcs=None):
+        inputs, state = self.input_vars.expand(1, batch, -1), None  # (seq 1, B, H)
+        ops, probs, log_prob, entropy = [], [], 0.0, 0.0
+        for e in range(len(NB201_EDGES)):
+            out, state = self.lstm(inputs, state)
+            logits = shape_logits(self.w_pred(out[0]), self.tanh_constant, self.temperature)  # (B, 5), Eq. (5)
+            log_p = F.log_softmax(logits, dim=-1)
+            a = torch.multinomial(log_p.exp(), 1).squeeze(1) if arcs is None else arcs[0][:, e]
+            # ALGO LOGIC: Eq. (6): log pi += log softmax(logits)[a];  H += -sum p log p (no gradient)
+            log_prob = log_prob + log_p.gather(1, a[:, None]).squeeze(1)
+            entropy = entropy - (log_p.exp() * log_p).sum(-1).detach()
+            ops.append(a)
+            probs.append(log_p.exp())
+            inputs = self.w_embd(a)[None]  # (1, B, H)
+        return (torch.stack(ops, 1),), log_prob, entropy, probs
+
+
+class NB201SharedNet(nn.Module):
+    """--space nb201 (search_model_enas.py TinyNetworkENAS): stem, common.nb201_layout(C, N) with a shared
+    cell per "cell" entry (each edge owns the 5 benchmark ops, affine=False, batch statistics) and
+    NB201ResNetBlock between stages, BN-ReLU, pool, linear. forward runs only the sampled op of each edge
+    (search_cells.py forward_dynamic) and returns (logits, None) like Network."""
+
+    def __init__(self, C, num_classes, N):
+        super().__init__()
+        self.stem = common.nb201_stem(C)
+        self.cells = nn.ModuleList(
+            nn.ModuleList(nn.ModuleList(common.NB201_OPS[name](c, c, 1, False, False) for name in NB201_PRIMITIVES)
+                          for _ in NB201_EDGES) if kind == "cell" else common.NB201ResNetBlock(c_in, c)
+            for kind, c_in, c in common.nb201_layout(C, N))
+        self.lastact = common.nb201_lastact(4 * C)
+        self.classifier = nn.Linear(4 * C, num_classes)
+        self.auxiliary_head = None
+
+    def forward(self, x, arc):  # arc = (6 op indices in NB201_EDGES order,)
+        h = self.stem(x)
+        for cell in self.cells:
+            if isinstance(cell, nn.ModuleList):
+                nodes = [h]
+                for i in range(1, common.NB201_NODES):
+                    # ALGO LOGIC: node i = sum_{j<i} op_(i,j)(node j), the op the controller sampled for edge (i, j)
+                    nodes.append(sum(cell[e][arc[0][e]](nodes[j]) for e, (to, j) in enumerate(NB201_EDGES) if to == i))
+                h = nodes[-1]
+            else:
+                h = cell(h)  # (B, 2C, H/2, W/2) after the first resblock, (B, 4C, H/4, W/4) after the second
+        return self.classifier(F.adaptive_avg_pool2d(self.lastact(h), 1).flatten(1)), None
+
+
+def nb201_arch(arc):
+    """(6 op indices,) -> the benchmark's arch string."""
+    return common.nb201_arch_str(NB201_PRIMITIVES[k] for k in arc[0])
 
 
 # =====================================================================================
@@ -428,6 +556,7 @@ def train_controller(model, controller, c_optimizer, baseline, val_iter, device,
         loss = reinforce_loss(log_prob, torch.tensor(advantages, device=log_prob.device))
         c_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        common.clip_grad(controller.parameters(), args.controller_grad_clip)  # 0 (default) = none
         c_optimizer.step()
         losses.append(loss.item())
         entropies += entropy.tolist()
@@ -485,6 +614,27 @@ def derive(model, controller, x, y, n, amp=False):
 
 
 @torch.no_grad()
+def derive_nb201(model, controller, val_iter, n, device, amp=False):
+    """--space nb201, the official rule (ENAS.py get_best_arch, lines 203-228): sample n cells, score each on
+    its own val minibatch; returns the arcs and their accuracies (%); the first best one is kept."""
+    model.eval()
+    arcs, _, _, _ = controller(n)
+    accs = []
+    for b in range(n):
+        x, y = (t.to(device, non_blocking=True) for t in next(val_iter))
+        with common.autocast(device, amp):
+            accs.append(common.accuracy(model(x, arc_at(arcs, b))[0], y))
+    return [arc_at(arcs, b) for b in range(n)], accs
+
+
+@torch.no_grad()
+def nb201_marginals(controller, n):
+    """Deviation 12 for --space nb201: the mean over n samples of each edge's op softmax, (6, 5)."""
+    _, _, entropy, probs = controller(n)
+    return {"entropy": entropy.mean().item(), "edge_op": {"cell": torch.stack([p.mean(0) for p in probs]).tolist()}}
+
+
+@torch.no_grad()
 def controller_marginals(controller, n):
     """Deviation 12: per cell, the mean over n samples of every decision's softmax: 'op' (nodes, 2,
     n_ops), 'input' (nodes, 2, nodes+1, zero-padded), and 'edge_op' (sum_i (i+2), n_ops), the
@@ -514,7 +664,7 @@ def train_child_epoch(model, controller, train_data, w_optimizer, device, args, 
     sampled from the current policy (no gradient to the controller)."""
     model.train()
     steps = min(len(train_data), args.steps_per_epoch or len(train_data))
-    loss_sum, acc_sum, n, t0 = 0.0, 0.0, 0, time.time()
+    progress = common.Progress(log, "search", epoch, steps, args.report_freq, device)
     for step, (x, y) in enumerate(train_data):
         if step >= steps:
             break
@@ -537,11 +687,8 @@ def train_child_epoch(model, controller, train_data, w_optimizer, device, args, 
                     p.grad = torch.zeros_like(p)
         common.clip_grad(model.parameters(), args.grad_clip)  # Deviation 5: 0 (default) = no clipping
         w_optimizer.step()
-        loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + common.accuracy(logits, y), n + 1
-        if (step + 1) % args.report_freq == 0 or step + 1 == steps:
-            log.info("search epoch %d step %d/%d loss %.4f acc %.2f (%.3f s/step)", epoch, step + 1, steps,
-                     loss_sum / n, acc_sum / n, (time.time() - t0) / n)
-    return loss_sum / max(n, 1), acc_sum / max(n, 1), (time.time() - t0) / max(n, 1)
+        progress.update(loss.item(), common.accuracy(logits, y))
+    return progress.summary()
 
 
 def child_optimizer(model, args):
@@ -578,17 +725,28 @@ def search(args, device, run_dir, log):
     train_set, num_classes, _ = common.load_dataset(args.dataset, args.data, True, args.image_size)
     train_data, val_data = common.search_loaders(train_set, args.batch_size, args.train_portion, generator,
                                                  args.workers)
-    model = Network(args.init_channels, num_classes, args.layers, args.nodes, auxiliary=args.search_auxiliary,
-                    dropout=args.dropout).to(device)
-    controller = Controller(args.nodes, args.lstm_size, args.tanh_constant, args.op_tanh_reduce,
-                            args.controller_temperature).to(device)
+    nb201 = args.space == "nb201"
+    if nb201:  # Deviation 15
+        model = NB201SharedNet(args.init_channels, num_classes, args.layers)
+        controller = NB201Controller(args.lstm_size, args.lstm_layers, args.tanh_constant, args.controller_temperature)
+    else:
+        model = Network(args.init_channels, num_classes, args.layers, args.nodes, auxiliary=args.search_auxiliary,
+                        dropout=args.dropout)
+        controller = Controller(args.nodes, args.lstm_size, args.tanh_constant, args.op_tanh_reduce,
+                                args.controller_temperature)
+    model, controller = common.speed_up(model.to(device), args), controller.to(device)
     log.info("shared network: %.3f M weights; controller: %d weights", sum(p.numel() for p in model.parameters())
              / 1e6, sum(p.numel() for p in controller.parameters()))
     w_optimizer = child_optimizer(model, args)
     # utils.py get_train_ops(optim_algo="adam") lines 217-219: TF Adam, beta1 0.0, epsilon 1e-3 (Deviation 1)
-    c_optimizer = TFAdam(controller.parameters(), args.arch_lr, betas=(0.0, 0.999), eps=1e-3)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(w_optimizer, args.lr_t0, args.lr_t_mul,
-                                                                     eta_min=args.lr_min)
+    # (--space nb201: torch Adam with the same betas and epsilon, AutoDL ENAS.py lines 313-318)
+    c_optimizer = (torch.optim.Adam if nb201 else TFAdam)(controller.parameters(), args.arch_lr, betas=(0.0, 0.999),
+                                                         eps=1e-3)
+    if args.lr_schedule == "sgdr":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(w_optimizer, args.lr_t0, args.lr_t_mul,
+                                                                         eta_min=args.lr_min)
+    else:  # torch's CosineAnnealingLR continues the cosine past T_max (back up), as xautodl's does
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(w_optimizer, args.lr_t0, eta_min=args.lr_min)
     start, baseline = 0, 0.0  # micro_controller.py: the baseline variable starts at 0
     if args.resume:  # TRY NOT TO MODIFY: continue after the last finished epoch, bit for bit
         path = run_dir / "checkpoint_search.pt"
@@ -603,38 +761,56 @@ def search(args, device, run_dir, log):
         t0 = time.time()
         lr = w_optimizer.param_groups[0]["lr"]
         val_iter = common.forever(val_data)  # reward, derivation and evaluation minibatches of this epoch
-        train_loss, train_acc, s_per_step = train_child_epoch(model, controller, train_data, w_optimizer, device,
-                                                              args, log, epoch)
+        train = train_child_epoch(model, controller, train_data, w_optimizer, device, args, log, epoch)
         baseline, ctrl = train_controller(model, controller, c_optimizer, baseline, val_iter, device, args, log,
                                           epoch)
-        x_val, y_val = (t.to(device) for t in next(val_iter))
-        arcs, accs = derive(model, controller, x_val, y_val, args.derive_samples, args.amp)
+        if nb201:
+            arcs, accs = derive_nb201(model, controller, val_iter, args.derive_samples, device, args.amp)
+        else:
+            x_val, y_val = (t.to(device) for t in next(val_iter))
+            arcs, accs = derive(model, controller, x_val, y_val, args.derive_samples, args.amp)
         best = max(range(len(accs)), key=lambda b: accs[b])
-        genotype = arc_to_genotype(arcs[best])
+        genotype = nb201_arch(arcs[best]) if nb201 else arc_to_genotype(arcs[best])
         val_loss, val_acc = evaluate_sampled(model, controller, val_data, device, args.amp, args.steps_per_epoch)
         scheduler.step()
-        stats = controller_marginals(controller, args.stat_samples)
+        stats = (nb201_marginals if nb201 else controller_marginals)(controller, args.stat_samples)
         alpha_history.append({"epoch": epoch, "samples": args.stat_samples, **stats})
-        row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-               "val_acc": val_acc, **ctrl, "policy_entropy": stats["entropy"], "sampled_val_acc": accs,
-               "best_sampled_val_acc": accs[best], "arc": arcs[best], "seconds": time.time() - t0,
-               "seconds_per_step": s_per_step, "genotype": common.genotype_to_dict(genotype)}
+        row = {"epoch": epoch, "lr": lr, **train, "val_loss": val_loss, "val_acc": val_acc, **ctrl,
+               "policy_entropy": stats["entropy"], "sampled_val_acc": accs, "best_sampled_val_acc": accs[best],
+               "arc": arcs[best], "seconds": time.time() - t0, "genotype": common.genotype_to_dict(genotype),
+               **(common.nb201_epoch_row(args, genotype, log) if nb201 else {})}
         history.append(row)
         common.append_jsonl(run_dir / "search_history.jsonl", row)
         common.append_jsonl(run_dir / "alphas.jsonl", alpha_history[-1])
         common.write_json(run_dir / "genotype.json", common.genotype_to_dict(genotype))
         log.info("search epoch %d lr %.5f train_acc %.2f val_acc %.2f best of %d sampled cells %.2f %.1fs", epoch, lr,
-                 train_acc, val_acc, len(accs), accs[best], row["seconds"])
-        log.info("arc %s genotype %s", " ".join(map(str, arcs[best][0] + arcs[best][1])), genotype)
+                 row["train_acc"], val_acc, len(accs), accs[best], row["seconds"])
+        log.info("arc %s genotype %s", " ".join(str(v) for cell in arcs[best] for v in cell), genotype)
         # TRY NOT TO MODIFY: checkpoint with everything needed to resume, controller and baseline included
         common.save_checkpoint(run_dir / "checkpoint_search.pt", {
             **common.make_checkpoint("enas", epoch, args, generator, model=model, controller=controller,
                                      w_optimizer=w_optimizer, c_optimizer=c_optimizer, scheduler=scheduler),
             "baseline": baseline, "arc": arcs[best], "genotype": common.genotype_to_dict(genotype)})
-    common.plot_alphas({c: alpha_history[-1]["edge_op"][c] for c in ("normal", "reduce")}, run_dir / "alphas.png",
-                       ENAS_OPS, "E[uses of (input, op)] per node")
-    common.plot_alpha_evolution([{c: [d for node in a["op"][c] for d in node] for c in ("normal", "reduce")}
-                                 for a in alpha_history], run_dir / "alpha_evolution.png", ENAS_OPS)
+    final = {}
+    if nb201 and args.final_samples:  # Deviation 15: the best of final_samples sampled cells is the result
+        arcs, accs = derive_nb201(model, controller, common.forever(val_data), args.final_samples, device, args.amp)
+        best = max(range(len(accs)), key=lambda b: accs[b])
+        genotype = nb201_arch(arcs[best])
+        log.info("final cell: the best of %d sampled cells, %.2f %% on its val minibatch: %s", len(accs), accs[best],
+                 genotype)
+        common.write_json(run_dir / "genotype.json", common.genotype_to_dict(genotype))
+        final = {"final_samples": len(accs), "final_sampled_val_acc": accs[best], "final_arc": arcs[best]}
+    if nb201:
+        common.plot_alphas(alpha_history[-1]["edge_op"], run_dir / "alphas.png", NB201_PRIMITIVES, "P(op) per edge")
+        common.plot_alpha_evolution([a["edge_op"] for a in alpha_history], run_dir / "alpha_evolution.png",
+                                    NB201_PRIMITIVES)
+        if args.nb201_benchmark:
+            common.plot_nb201_history(history, run_dir / "nb201.png")
+    else:
+        common.plot_alphas({c: alpha_history[-1]["edge_op"][c] for c in ("normal", "reduce")},
+                           run_dir / "alphas.png", ENAS_OPS, "E[uses of (input, op)] per node")
+        common.plot_alpha_evolution([{c: [d for node in a["op"][c] for d in node] for c in ("normal", "reduce")}
+                                     for a in alpha_history], run_dir / "alpha_evolution.png", ENAS_OPS)
     common.plot_curves(history, ["train_acc", "val_acc"], run_dir / "search_curves.png", "ENAS search")
     common.plot_curves(history, ["reward", "baseline"], run_dir / "controller_reward.png", "controller",
                        ylabel="reward (val-minibatch accuracy + entropy bonus)")
@@ -644,7 +820,7 @@ def search(args, device, run_dir, log):
                "best_sampled_val_acc": history[-1]["best_sampled_val_acc"], "arc": history[-1]["arc"],
                "baseline": history[-1]["baseline"], "policy_entropy": history[-1]["policy_entropy"],
                "seconds": sum(r["seconds"] for r in history),
-               "seconds_per_step": sum(r["seconds_per_step"] for r in history) / len(history)}
+               "seconds_per_step": sum(r["seconds_per_step"] for r in history) / len(history), **final}
     return genotype, summary
 
 
@@ -656,6 +832,11 @@ def main(args):
     if args.train_aux_head and not args.search_auxiliary:
         raise UsageError("--train-aux-head trains the search network's auxiliary head, which "
                          "--no-search-auxiliary removes; drop one of them")
+    if args.space == "darts" and args.layers < 3:  # NB-201's N may be 1 or 2
+        raise UsageError(f"--layers must be >=3, got {args.layers} (the DARTS space; --space nb201 allows N >= 1)")
+    if args.space == "darts" and args.lstm_layers != 1:
+        raise UsageError("--lstm-layers: the DARTS-space controller has one LSTM layer (main.py); "
+                         "more need --space nb201")
     genotype = None
     if args.genotype:  # fail before any work; a string of integers is an ENAS arc
         is_arc = all(t.lstrip("-").isdigit() for t in args.genotype.split())

@@ -17,6 +17,8 @@ Reproduce the paper (search, derive the cell, retrain 600 epochs, test on CIFAR-
     python gdas.py --genotype GDAS_V1     # retrain the published cell only
     python gdas.py --frc --no-retrain     # GDAS (FRC): normal cell searched, fixed reduction cell
     python gdas.py --layers 6             # the AutoDL re-implementation's 6-cell supernet (N=2)
+    python gdas.py --space nb201          # NAS-Bench-201: the benchmark's GDAS search, then its 200-epoch training
+    python gdas.py --space nb201 --nb201-benchmark NAS-Bench-201-v1_1-096897.pth --no-retrain  # look cells up
 
 Equations implemented. The paper's text (arXiv 1910.04465) could not be read here beyond its introduction, so
 these numbers are ours (in the order of the paper's Sec. 3); notebooks/gdas.ipynb uses the same ones:
@@ -82,6 +84,25 @@ Deviations from the paper (each is what the official code does, unless marked "o
        .grad they would hold. Which weights hold a .grad is checkpointed, so a resumed run equals an uninterrupted
        one (an official resume starts without any). ours: --freeze-unsampled uses zero_grad(set_to_none=True):
        an op not sampled in a step does not move at all in that step.
+   13. --space nb201 (exps/NAS-Bench-201-algos/GDAS.py, search_model_gdas.py, search_cells.py): one (6, 5) alpha
+       for all 3N cells, one sample per forward shared by them, affine-free BN (with running statistics:
+       --track-running-stats) in the cells, the residual blocks and stem as the evaluation network's; the
+       derived cell is the argmax op per edge, 'none' allowed (genotype(), lines 101-112), written as the arch
+       string and its benchmark index, then retrained with the benchmark's 200-epoch recipe
+       (common.NB201_RETRAIN_ARGS). The edge is the official NAS201SearchCell.forward_gdas (search_cells.py
+       lines 72-86): sum_k (h^k O^k(x) if k = k* else h^k). The unsampled h^k are 0 in value, so the output is
+       that of Eq. (6), but each gets the gradient sum(dL/dx_out) (a broadcast scalar), so A's gradient has a
+       term the DARTS-space edge (NASNet MixedOp.forward_gdas, line 181) lacks. The weight and architecture steps,
+       their order, the clip (Deviation 6) and the zero-filled gradients (Deviation 12) are as in the DARTS space.
+       The official alpha is resampled until no inf or nan appears (search_model_gdas.py lines 115-129); ours
+       checks the Gumbel draw only (softmax of finite values is finite).
+   14. --dataset imagenet retrains with GDAS's own recipe (Args.IMAGENET: AutoDL-Projects' nas-infer-train.sh with
+       configs/opts/NAS-IMAGENET.config) in common.NetworkImageNet, whose parameters equal AutoDL's DXYs ImageNet
+       network at C=50 (tests/test_imagenet.py), with the BN in the auxiliary head as AutoDL's. Schedule: ours
+       (common.retrain_scheduler) warms up at lr0 (e+1)/5 per epoch, then cos(pi e / 250); the official
+       (xautodl/procedures/optimizers.py lines 81-107) rises per step (e + i/n)/5, then cos(pi (e-5) / 245), and
+       its last 5 epochs run at eta_min 0 (max_epochs = 245 of 250). Augmentation: common's (train_imagenet.py's);
+       AutoDL adds Lighting(0.1) PCA noise (xautodl/datasets/get_dataset_with_transform.py line 173).
    Plus the deviations shared by every method file, listed in common.py's docstring (C1-C5).
 
 Runs: --resume RUN_DIR continues a killed run; under torchrun only retraining is distributed
@@ -117,7 +138,7 @@ class Args(common.BaseArgs):
     init_channels: int = arg(16, "search-archs/GDAS-NASNet-CIFAR.config C 16", check=">=1")
     layers: int = arg(8, "cells in the supernet: DARTS's 8 (the AutoDL N=2 macro has 6: --layers 6); at least 3, "
                       "or there is no normal cell (reductions sit at layers//3 and 2*layers//3) and alphas_normal "
-                      "gets no gradient", check=">=3")
+                      "gets no gradient; --space nb201: N, search cells per stage (3N in all)", check=">=1")
     grad_clip: float = arg(5.0, "GDAS.py line 54: clip_grad_norm_(..., 5) (ours: weights only, Deviation 6); "
                            "0 = no clipping", check=">=0")
     train_portion: float = arg(0.5, "weights / alpha split of the training set (cifar-split.txt: 25K / 25K)",
@@ -129,10 +150,37 @@ class Args(common.BaseArgs):
     tau_min: float = arg(0.1, "Eq. (8): NASNet-space-search-by-GDAS.sh --tau_min 0.1 (at most --tau-max)", check=">0")
     frc: bool = arg(False, "GDAS (FRC): search the normal cell only, fixed reduction cell (search only here)")
     genotype_rule: str = arg("darts", "darts (two distinct inputs per node, 2019 release) | pairs (top-2 "
-                             "(op, input) pairs per node, AutoDL re-implementation)", check=("darts", "pairs"))
+                             "(op, input) pairs per node, AutoDL re-implementation); --space nb201 has one rule, "
+                             "the argmax op per edge", check=("darts", "pairs"))
+    space: str = arg("darts", "darts | nb201: the NAS-Bench-201 cell (4 nodes, 6 edges, 5 ops) in the benchmark's "
+                     "macro network; defaults then follow configs/nas-benchmark/algos/GDAS.config and "
+                     "scripts-search/NAS-Bench-201-algos/GDAS.sh (see [--space nb201: ...])", check=("darts", "nb201"))
+    nb201_benchmark: str = arg("", common.NB201_BENCHMARK_HELP)
+    track_running_stats: bool = arg(True, "--space nb201: BN running statistics in the search cells (GDAS.sh "
+                                    "--track_running_stats, its BN argument; 1 in the benchmark's script of "
+                                    "AutoDL-Projects 44a0d51, scripts-search/algos/GDAS.sh line 38)")
     freeze_unsampled: bool = arg(False, "ours: zero_grad(set_to_none=True), so an op not sampled in a step does not "
                                  "move; default: zero-filled gradients, as the official code under PyTorch 1.x, so "
                                  "weight decay and momentum move it (Deviation 12)")
+
+    # --space nb201: the benchmark's GDAS search (AutoDL-Projects @ f46486e). configs/nas-benchmark/algos/
+    # GDAS.config: LR 0.025 (line 3), eta_min 0.001 (4), epochs 250 (5), decay 0.0005 (8), momentum 0.9 (9),
+    # nesterov 1 (10), batch_size 64 (12); scripts-search/NAS-Bench-201-algos/GDAS.sh: channel 16 (line 20),
+    # num_cells 5 (21), tau 10 -> 0.1 (41), arch lr 0.0003 and weight decay 0.001 (42). Only the values that
+    # differ from the defaults above are listed.
+    NB201 = {"batch_size": 64, "init_channels": 16, "layers": 5}
+
+    # --dataset imagenet: AutoDL-Projects @ f46486e docs/CVPR-2019-GDAS.md line 35 (scripts/nas-infer-train.sh
+    # imagenet-1k GDAS_V1 256: batch 256, no cutout, line 31), configs/archs/NAS-IMAGENET-GDAS_V1.config (C 50,
+    # N 4 = 14 cells, auxiliary 1, drop_path_prob 0: lines 5-8) and configs/opts/NAS-IMAGENET.config (cosine to
+    # eta_min 0, 245 + 5 warm-up epochs, SGD lr 0.1, wd 3e-5, momentum 0.9, Nesterov, label smoothing 0.1,
+    # auxiliary weight 0.4: lines 2-13); the procedure clips no gradient (xautodl/procedures/basic_main.py
+    # lines 113-115); AutoDL's auxiliary head keeps its 768-channel BN (Deviation 14).
+    IMAGENET = {"retrain_epochs": 250, "retrain_warmup_epochs": 5, "retrain_schedule": "cosine",
+                "retrain_batch_size": 256, "retrain_lr": 0.1, "retrain_weight_decay": 3e-5, "retrain_momentum": 0.9,
+                "retrain_nesterov": True, "label_smoothing": 0.1, "auxiliary": True, "auxiliary_weight": 0.4,
+                "aux_batchnorm": True, "drop_path_prob": 0.0, "retrain_grad_clip": 0.0, "retrain_init_channels": 50,
+                "retrain_layers": 14, "cutout": False}
 
 
 # =====================================================================================
@@ -298,6 +346,78 @@ class Network(nn.Module):
         return derive_genotype(w_normal, w_reduce, rule=rule)
 
 
+class NB201Edge(nn.Module):
+    """The 5 NAS-Bench-201 ops of one edge (common.NB201_OPS, affine-free BN as the official search model)."""
+
+    def __init__(self, C, track_running_stats):
+        super().__init__()
+        self.ops = nn.ModuleList(common.NB201_OPS[name](C, C, 1, False, track_running_stats)
+                                 for name in common.NB201_PRIMITIVES)
+
+    def forward(self, x, weights, index):  # weights: (5,) straight-through h, index: k* (int)
+        # ALGO LOGIC: Eq. (6) as NAS201SearchCell.forward_gdas (search_cells.py lines 80-83): h^{k*} O^{k*}(x)
+        # plus the other entries h^k themselves (value 0, broadcast), which give them a gradient too (Deviation 13)
+        return sum(w * op(x) if k == index else w for k, (w, op) in enumerate(zip(weights, self.ops)))
+
+
+class NB201SearchCell(nn.Module):
+    """A NAS-Bench-201 search cell: node i = sum_{j<i} edge_(i,j)(node j) over common.NB201_EDGES."""
+
+    def __init__(self, C, track_running_stats):
+        super().__init__()
+        self.edges = nn.ModuleList(NB201Edge(C, track_running_stats) for _ in common.NB201_EDGES)
+
+    def forward(self, x, weights, index):  # weights: (6, 5), index: 6 ints
+        nodes = [x]
+        for i in range(1, common.NB201_NODES):
+            # ALGO LOGIC: Eq. (1): x_i = sum_{j<i} h^{k*} O^{k*}(x_j), one sampled op per edge
+            nodes.append(sum(self.edges[e](nodes[j], weights[e], index[e])
+                             for e, (to, j) in enumerate(common.NB201_EDGES) if to == i))
+        return nodes[-1]  # (B, C, H, W)
+
+
+class NB201Network(nn.Module):
+    """GDAS in the NAS-Bench-201 space (search_model_gdas.py TinyNetworkGDAS): stem, N search cells at C, 2C, 4C
+    with residual blocks between the stages (common.nb201_layout), BN-ReLU, global pool, linear. ONE (6, 5)
+    alpha, one sample per forward shared by every cell (lines 114-134); the derived cell is the argmax per edge."""
+
+    def __init__(self, C, num_classes, N, track_running_stats=True):
+        super().__init__()
+        self.tau = 10.0  # Eq. (8): set every epoch by the search loop
+        self.stem = common.nb201_stem(C)
+        self.cells = nn.ModuleList(NB201SearchCell(c_in, track_running_stats) if kind == "cell"
+                                   else common.NB201ResNetBlock(c_in, c_out)
+                                   for kind, c_in, c_out in common.nb201_layout(C, N))
+        self.lastact = common.nb201_lastact(4 * C)
+        self.classifier = nn.Linear(4 * C, num_classes)
+        # Deviation 1: official init 1e-3 * N(0, 1) (search_model_gdas.py lines 60-62)
+        self.alphas_cell = nn.Parameter(1e-3 * torch.randn(len(common.NB201_EDGES), len(common.NB201_PRIMITIVES)))
+
+    def forward(self, x):  # x: (B, 3, H, W)
+        h, index = gumbel_max_sample(self.alphas_cell, self.tau)
+        self.last_index = index.tolist()  # Deviation 5: to the host once per forward
+        out = self.stem(x)
+        for cell in self.cells:
+            out = cell(out, h, self.last_index) if isinstance(cell, NB201SearchCell) else cell(out)
+        return self.classifier(F.adaptive_avg_pool2d(self.lastact(out), 1).flatten(1))  # (B, num_classes)
+
+    def arch_parameters(self):
+        return [self.alphas_cell]
+
+    def weight_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("alphas_")]
+
+    def arch_weights(self):
+        return {"cell": F.softmax(self.alphas_cell, -1).tolist()}
+
+    def sampled_weights(self):
+        return [p for cell in self.cells if isinstance(cell, NB201SearchCell)
+                for edge, k in zip(cell.edges, self.last_index) for p in edge.ops[k].parameters()]
+
+    def genotype(self, rule=None):  # search_model_gdas.py genotype(), lines 101-112: argmax per edge, 'none' allowed
+        return common.nb201_derive(self.alphas_cell.detach().cpu())
+
+
 # =====================================================================================
 # Architecture update rule
 # =====================================================================================
@@ -380,26 +500,23 @@ def search_step(model, x, y, x_val, y_val, w_optimizer, a_optimizer, args):
 
 
 def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, args, log, epoch):
-    """One epoch of Eq. (7): a search_step per train batch. Returns the mean train loss and accuracy, the val
-    loss and accuracy of the architecture steps (what the official code logs: train-mode BN, one sample per
-    batch) and seconds per step."""
+    """One epoch of Eq. (7): a search_step per train batch. Returns common.Progress's summary (train loss and
+    accuracy, seconds per step, peak GPU memory) with the val loss and accuracy of the architecture steps (what the
+    official code logs: train-mode BN, one sample per batch)."""
     model.train()
     steps = min(len(train_data), args.steps_per_epoch or len(train_data))
-    loss_sum, acc_sum, val_loss_sum, val_acc_sum, n, t0 = 0.0, 0.0, 0.0, 0.0, 0, time.time()
+    progress = common.Progress(log, "search", epoch, steps, args.report_freq, device)
+    val_loss_sum, val_acc_sum = 0.0, 0.0
     for step, (x, y) in enumerate(train_data):
         if step >= steps:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         x_val, y_val = (t.to(device, non_blocking=True) for t in next(val_iter))
         loss, logits, val_loss, val_logits = search_step(model, x, y, x_val, y_val, w_optimizer, a_optimizer, args)
-        loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + common.accuracy(logits, y), n + 1
         val_loss_sum, val_acc_sum = val_loss_sum + val_loss.item(), val_acc_sum + common.accuracy(val_logits, y_val)
-        if (step + 1) % args.report_freq == 0 or step + 1 == steps:
-            log.info("search epoch %d step %d/%d loss %.4f acc %.2f val_loss %.4f val_acc %.2f (%.3f s/step)",
-                     epoch, step + 1, steps, loss_sum / n, acc_sum / n, val_loss_sum / n, val_acc_sum / n,
-                     (time.time() - t0) / n)
-    n = max(n, 1)
-    return loss_sum / n, acc_sum / n, val_loss_sum / n, val_acc_sum / n, (time.time() - t0) / n
+        progress.update(loss.item(), common.accuracy(logits, y))
+    n = max(len(progress.step_seconds), 1)
+    return {**progress.summary(), "val_loss": val_loss_sum / n, "val_acc": val_acc_sum / n}
 
 
 def search(args, device, run_dir, log):
@@ -409,7 +526,12 @@ def search(args, device, run_dir, log):
     train_set, num_classes, _ = common.load_dataset(args.dataset, args.data, True, args.image_size)
     train_data, val_data = common.search_loaders(train_set, args.batch_size, args.train_portion, generator,
                                                  args.workers)
-    model = Network(args.init_channels, num_classes, args.layers, frc=args.frc).to(device)
+    nb201 = args.space == "nb201"
+    if nb201:
+        model = NB201Network(args.init_channels, num_classes, args.layers, args.track_running_stats).to(device)
+    else:
+        model = Network(args.init_channels, num_classes, args.layers, frc=args.frc).to(device)
+    model = common.speed_up(model, args)  # --channels-last, --compile
     log.info("supernet: %.3f M weights, alphas %s%s", sum(p.numel() for p in model.weight_parameters()) / 1e6,
              [tuple(a.shape) for a in model.arch_parameters()], " (fixed reduction cell)" if args.frc else "")
     w_optimizer = torch.optim.SGD(model.weight_parameters(), args.lr, momentum=args.momentum,
@@ -436,24 +558,22 @@ def search(args, device, run_dir, log):
         # ALGO LOGIC: Eq. (8): tau for this epoch
         model.tau = temperature(epoch, args.epochs, args.tau_max, args.tau_min)
         val_iter = common.forever(val_data)  # one pass of the val half per epoch at the 50/50 split
-        train_loss, train_acc, val_loss, val_acc, s_per_step = search_epoch(
-            model, train_data, val_iter, w_optimizer, a_optimizer, device, args, log, epoch)
+        train = search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, args, log, epoch)
         scheduler.step()
         genotype = model.genotype(args.genotype_rule)
         weights = model.arch_weights()
         alpha_history.append(weights)
-        row = {"epoch": epoch, "lr": lr, "tau": model.tau, "train_loss": train_loss, "train_acc": train_acc,
-               "val_loss": val_loss, "val_acc": val_acc, "seconds": time.time() - t0,
-               "seconds_per_step": s_per_step, "genotype": common.genotype_to_dict(genotype)}
+        row = {"epoch": epoch, "lr": lr, "tau": model.tau, **train, "seconds": time.time() - t0,
+               "genotype": common.genotype_to_dict(genotype),
+               **(common.nb201_epoch_row(args, genotype, log) if nb201 else {})}
         history.append(row)
         common.append_jsonl(run_dir / "search_history.jsonl", row)
-        alphas = {cell: a.tolist() for cell, a in (("normal", model.alphas_normal), ("reduce", model.alphas_reduce))
-                  if a is not None}
+        alphas = {n.removeprefix("alphas_"): a.tolist() for n, a in model.named_parameters() if n.startswith("alphas_")}
         common.append_jsonl(run_dir / "alphas.jsonl", {"epoch": epoch, "tau": model.tau, "softmax": weights,
                                                        "alpha": alphas})
         common.write_json(run_dir / "genotype.json", common.genotype_to_dict(genotype))
         log.info("search epoch %d lr %.5f tau %.3f train_acc %.2f val_acc %.2f %.1fs", epoch, lr, model.tau,
-                 train_acc, val_acc, row["seconds"])
+                 row["train_acc"], row["val_acc"], row["seconds"])
         log.info("genotype %s", genotype)
         # TRY NOT TO MODIFY: checkpoint with everything needed to resume, alphas and tau included
         common.save_checkpoint(run_dir / "checkpoint_search.pt", {
@@ -464,15 +584,18 @@ def search(args, device, run_dir, log):
             "weights_with_grad": [n for n, p in model.named_parameters() if p.grad is not None
                                   and not n.startswith("alphas_")]})
     genotype = model.genotype(args.genotype_rule)  # also when a resumed run had nothing left to search
-    common.plot_alphas(alpha_history[-1], run_dir / "alphas.png")
-    common.plot_alpha_evolution(alpha_history, run_dir / "alpha_evolution.png")
+    primitives = common.NB201_PRIMITIVES if nb201 else PRIMITIVES
+    common.plot_alphas(alpha_history[-1], run_dir / "alphas.png", primitives=primitives)
+    common.plot_alpha_evolution(alpha_history, run_dir / "alpha_evolution.png", primitives=primitives)
+    if nb201 and args.nb201_benchmark:
+        common.plot_nb201_history(history, run_dir / "nb201.png")
     common.plot_curves(history, ["train_acc", "val_acc"], run_dir / "search_curves.png", "GDAS search")
     common.plot_curves(history, ["tau"], run_dir / "tau.png", "Eq. (8): Gumbel-softmax temperature",
                        ylabel="tau")
     summary = {"epochs": len(history), "val_acc": history[-1]["val_acc"], "train_acc": history[-1]["train_acc"],
                "seconds": sum(r["seconds"] for r in history),
                "seconds_per_step": sum(r["seconds_per_step"] for r in history) / len(history),
-               "tau": history[-1]["tau"], "frc": args.frc}
+               "tau": history[-1]["tau"], "frc": args.frc, "space": args.space}
     return genotype, summary
 
 
@@ -487,12 +610,17 @@ def main(args):
     if args.nesterov and args.momentum == 0:
         raise UsageError("--nesterov needs --momentum > 0 (Nesterov momentum is a form of momentum); "
                          "add --no-nesterov or give a momentum")
+    if args.space == "nb201" and args.frc:
+        raise UsageError("--frc fixes the DARTS space's reduction cell: NAS-Bench-201 has none (drop --frc)")
     if args.frc and args.init_channels % 4:
         raise UsageError(f"--frc: the fixed reduction cell's grouped convs (8 groups at 2C and 4C channels) need "
                          f"--init-channels divisible by 4, got {args.init_channels}")
     if args.frc and (args.genotype or not args.no_retrain):
         raise UsageError("--frc searches the normal cell only and common.retrain cannot build the fixed "
                          "reduction cell yet: add --no-retrain (and no --genotype)")
+    if args.space == "darts" and args.layers < 3:
+        raise UsageError(f"--layers must be >=3, got {args.layers} (the DARTS space needs a normal cell; N of "
+                         "--space nb201 may be smaller)")
     genotype = common.parse_genotype(args.genotype) if args.genotype else None  # fail before any work
     return common.run(args, __file__, "gdas", device, genotype, search)
 

@@ -11,6 +11,8 @@ Reproduce the paper (search, derive the cell, retrain 600 epochs, test on CIFAR-
     python idarts.py                          # T = 5 weight steps per alpha step, K = 2, gamma = lr
     python idarts.py --inner-steps 4          # T of the NAS-Bench-201 notebook
     python idarts.py --neumann-k 0            # hypergradient with H^-1 ~ gamma I (no Neumann terms)
+    python idarts.py --space nb201            # NAS-Bench-201 cell, the official notebook's search protocol
+    python idarts.py --space nb201 --nb201-benchmark NAS-Bench-201-v1_1-096897.pth  # + benchmark lookup per epoch
 
 Equations implemented. The paper's text was not readable here, so the labels are ours (also used
 in notebooks/idarts.ipynb; grep "Eq. (Neumann)" finds both); DARTS's are arXiv:1806.09055 v2's:
@@ -25,6 +27,8 @@ in notebooks/idarts.ipynb; grep "Eq. (Neumann)" finds both); DARTS's are arXiv:1
                    d_alpha L^i_val - gamma d2_{alpha,w} L^j_train sum_{k=0..K} (I - gamma H^j)^k d_w L^i_val
                                                                              -> neumann_hypergradient
     DARTS Sec. 2.4 derived cell: top-2 incoming edges by strongest non-zero op -> derive_genotype
+    --space nb201: the same mixed op on the 6 edges of the NAS-Bench-201 cell, one alpha (6, 5) for all
+                   cells; derived cell = argmax op per edge, 'none' allowed    -> NB201Supernet, common.nb201_derive
 
 Deviations from the paper (each is what the official code does, unless marked "ours"):
     1. ours: no DARTS-space code exists, so search space, supernet, schedule, optimisers, alpha init
@@ -60,7 +64,21 @@ Deviations from the paper (each is what the official code does, unless marked "o
        that file after the epoch (line 184); quark0/darts logs the genotype at the start of each epoch
        (train_search.py lines 113-114): their last cell is the one before the last epoch trains.
     8. ours: --amp (bfloat16 autocast, CUDA only) covers the inner weight steps and retraining; the
-       hypergradient always runs in float32. Retraining is the DARTS protocol (common.retrain).
+       hypergradient always runs in float32. Retraining is the DARTS protocol (common.retrain); the official
+       repository has no ImageNet retraining, so --dataset imagenet uses DARTS's train_imagenet.py recipe
+       (common.IMAGENET_RETRAIN_ARGS) and Args has no IMAGENET of its own. --channels-last and --compile
+       apply to the supernet (common.speed_up) as in darts.py.
+    9. --space nb201 follows the official NAS-Bench-201 notebook (NAS_Bench201_codes/exps/algos/iDARTS_V2.ipynb):
+       supernet TinyNetworkDartsV2 (lib/models/cell_searchs/search_model_darts_v2.py lines 21-45: C 16,
+       N 5, alpha 1e-3 N(0, 1) of shape (6, 5); search_cells.py line 14: affine=False BN with running
+       stats), Adam 3e-4, betas (0.5, 0.999), weight decay 1e-3 (notebook cell 3, lines 12-13 and 71), T = 4
+       (cell 1 line 70), K = 2, clip 5 (cell 1 line 79), the 25K/25K cifar-split.txt halves (line 36). The
+       notebook loads configs/nas-benchmark/algos/DARTS_wlr0p01.config (cell 3 line 47), which is not in
+       the repository; its DARTS.config (lines 2-12) has the weight lr 0.01 that name says: SGD lr 0.01
+       Nesterov momentum 0.9, cosine to 0.001, weight decay 5e-4, batch 64, 30 epochs; we use it. ours:
+       the derived cell is the last epoch's argmax, as genotypes[total_epoch-1] the notebook reports
+       (cell 3 line 158), not its 'best' by supernet val accuracy. The cell is retrained with the
+       benchmark's 200-epoch recipe (common.NB201_RETRAIN_ARGS) or looked up with --nb201-benchmark.
     Plus the deviations shared by every method file, listed in common.py's docstring (C1-C5).
 
 Runs: --resume RUN_DIR continues a killed run; under torchrun only retraining is distributed
@@ -75,7 +93,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from common import OPS, PRIMITIVES, Genotype, arg
+from common import NB201_EDGES, NB201_PRIMITIVES, OPS, PRIMITIVES, Genotype, UsageError, arg
 
 
 # =====================================================================================
@@ -93,11 +111,13 @@ class Args(common.BaseArgs):
     lr_min: float = arg(0.001, "train_search.py --learning_rate_min 0.001, cosine floor (also 1Shot1 line 44)",
                         check=">=0")
     momentum: float = arg(0.9, "train_search.py --momentum 0.9 (also 1Shot1 line 45)", check="[0,1)")
+    nesterov: bool = arg(False, "Nesterov momentum for the weights (train_search.py: off; the NAS-Bench-201 "
+                         "DARTS.config line 10: on)")
     weight_decay: float = arg(3e-4, "train_search.py --weight_decay 3e-4 (also 1Shot1 line 46)", check=">=0")
     init_channels: int = arg(16, "train_search.py --init_channels 16 (also 1Shot1 line 50)", check=">=1")
     layers: int = arg(8, "train_search.py --layers 8, cells in the supernet (1Shot1 line 51: 9); at least 3: "
                       "reduction cells sit at layers//3 and 2*layers//3, so fewer cells have no normal cell and "
-                      "alphas_normal gets no gradient", check=">=3")
+                      "alphas_normal gets no gradient (--space nb201: N, cells per stage, at least 1)", check=">=1")
     grad_clip: float = arg(5.0, "train_search.py --grad_clip 5, weights only, also the iDARTS inner steps (1Shot1 "
                            "line 59); 0 = no clipping", check=">=0")
     train_portion: float = arg(0.5, "train_search.py --train_portion 0.5, weights / alpha split (also 1Shot1 "
@@ -113,6 +133,17 @@ class Args(common.BaseArgs):
                          check=">=0")
     neumann_gamma: float = arg(0.0, "gamma of Eq. (Neumann); 0 = the weight lr in use (official: eta = lr)",
                                check=">=0")
+    space: str = arg("darts", "darts | nb201: the NAS-Bench-201 cell (4 nodes, 6 edges, 5 ops) in the benchmark's "
+                     "macro network; defaults then follow the official iDARTS_V2.ipynb and its DARTS.config "
+                     "(Deviation 9; see [--space nb201: ...])", check=("darts", "nb201"))
+    nb201_benchmark: str = arg("", common.NB201_BENCHMARK_HELP)
+
+    # Deviation 9: MiaoZhang0525/iDARTS NAS_Bench201_codes, exps/algos/iDARTS_V2.ipynb (cell 3 lines 7-13 C 16,
+    # N 5, arch Adam 3e-4 / 1e-3; cell 1 line 70 T = 4, line 79 clip 5) and configs/nas-benchmark/algos/DARTS.config
+    # lines 2-12 (SGD lr 0.01 Nesterov, cosine to 0.001, decay 5e-4, 30 epochs, batch 64)
+    NB201 = {"epochs": 30, "batch_size": 64, "lr": 0.01, "lr_min": 0.001, "momentum": 0.9, "nesterov": True,
+             "weight_decay": 5e-4, "init_channels": 16, "layers": 5, "grad_clip": 5.0, "train_portion": 0.5,
+             "arch_lr": 3e-4, "arch_weight_decay": 1e-3, "inner_steps": 4, "neumann_k": 2}
 
 
 # =====================================================================================
@@ -196,6 +227,62 @@ class Network(nn.Module):
     def genotype(self):
         return derive_genotype(F.softmax(self.alphas_normal, -1), F.softmax(self.alphas_reduce, -1))
 
+    def alphas(self):  # {cell type: alpha}, what alphas.jsonl and the checkpoint hold
+        return {"normal": self.alphas_normal, "reduce": self.alphas_reduce}
+
+
+class NB201MixedOp(nn.Module):
+    """--space nb201: the benchmark's 5 ops on one edge (search_cells.py SearchCell line 26: affine=False BN
+    with running statistics); the same weighted sum as MixedOp."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.ops = nn.ModuleList(common.NB201_OPS[name](C, C, 1, False, True) for name in NB201_PRIMITIVES)
+
+    def forward(self, x, weights):  # weights: (5,) = softmax(alpha^(i,j))
+        # ALGO LOGIC: DARTS Eq. (2) on an NB-201 edge
+        return sum(w * op(x) for w, op in zip(weights, self.ops))
+
+
+class NB201Supernet(nn.Module):
+    """--space nb201 (search_model_darts_v2.py TinyNetworkDartsV2): stem, common.nb201_layout(C, N) with a
+    6-edge search cell per "cell" entry and NB201ResNetBlock between stages, BN-ReLU, pool, linear; ONE
+    alpha (6 edges, 5 ops) shared by every cell."""
+
+    def __init__(self, C, num_classes, N):
+        super().__init__()
+        self.stem = common.nb201_stem(C)
+        self.cells = nn.ModuleList(nn.ModuleList(NB201MixedOp(c) for _ in NB201_EDGES) if kind == "cell"
+                                   else common.NB201ResNetBlock(c_in, c) for kind, c_in, c in common.nb201_layout(C, N))
+        self.lastact = common.nb201_lastact(4 * C)
+        self.classifier = nn.Linear(4 * C, num_classes)
+        self.alphas_cell = nn.Parameter(1e-3 * torch.randn(len(NB201_EDGES), len(NB201_PRIMITIVES)))  # Deviation 9
+
+    def forward(self, x):  # x: (B, 3, H, W)
+        weights = F.softmax(self.alphas_cell, dim=-1)  # (6, 5)
+        h = self.stem(x)
+        for cell in self.cells:
+            if isinstance(cell, nn.ModuleList):  # a search cell: node i = sum_{j<i} o_bar^(i,j)(node j)
+                nodes = [h]
+                for i in range(1, common.NB201_NODES):
+                    nodes.append(sum(cell[e](nodes[j], weights[e]) for e, (to, j) in enumerate(NB201_EDGES) if to == i))
+                h = nodes[-1]
+            else:
+                h = cell(h)  # (B, 2C, H/2, W/2) after the first resblock, (B, 4C, H/4, W/4) after the second
+        return self.classifier(F.adaptive_avg_pool2d(self.lastact(h), 1).flatten(1))
+
+    def arch_parameters(self):
+        return [self.alphas_cell]
+
+    def weight_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("alphas_")]
+
+    def genotype(self):  # an arch string: argmax op per edge, 'none' allowed (search_model_darts_v2.py lines 65-76)
+        return common.nb201_derive(self.alphas_cell.detach().cpu())
+
+    def alphas(self):
+        return {"cell": self.alphas_cell}
+
 
 # =====================================================================================
 # Architecture update rule
@@ -276,15 +363,19 @@ def weight_step(model, x, y, w_optimizer, device, args):
 def search_epoch(model, train_iter, val_data, w_optimizer, a_optimizer, device, args, log, epoch):
     """One epoch of Eq. (bilevel): per val batch i, T weight steps on train batches (the inner
     problem), then one Adam step on alpha with the Eq. (iDARTS) hypergradient on batch i and a
-    fresh train batch j. Returns means over the epoch and the norms of the two hypergradient terms."""
+    fresh train batch j. Returns Progress.summary() (one step = one alpha step, its loss and accuracy
+    the mean of its T weight steps), the mean seconds per hypergradient, the weight steps made and the
+    mean norms of the two hypergradient terms."""
     model.train()
     steps = min(len(val_data), args.steps_per_epoch or len(val_data))
-    loss_sum, acc_sum, n, t0, t_hyper = 0.0, 0.0, 0, time.time(), 0.0
+    progress = common.Progress(log, "search", epoch, steps, args.report_freq, device)
+    n, t_hyper = 0, 0.0
     norms = {"direct_norm": 0.0, "implicit_norm": 0.0}  # |d_alpha L_val|, |gamma A s| summed over steps
     for step, (x_val, y_val) in enumerate(val_data):
         if step >= steps:
             break
         x_val, y_val = x_val.to(device, non_blocking=True), y_val.to(device, non_blocking=True)
+        loss_sum = acc_sum = 0.0
         # ALGO LOGIC: Eq. (bilevel), inner problem: T SGD steps on w; only the end point w_T matters
         for _ in range(args.inner_steps):
             x, y = (t.to(device, non_blocking=True) for t in next(train_iter))
@@ -302,13 +393,9 @@ def search_epoch(model, train_iter, val_data, w_optimizer, a_optimizer, device, 
         for a, g in zip(model.arch_parameters(), grads):
             a.grad = g
         a_optimizer.step()
-        if (step + 1) % args.report_freq == 0 or step + 1 == steps:
-            log.info("search epoch %d step %d/%d loss %.4f acc %.2f (%.3f s/step, %.3f s hypergradient)", epoch,
-                     step + 1, steps, loss_sum / n, acc_sum / n, (time.time() - t0) / (step + 1),
-                     t_hyper / (step + 1))
+        progress.update(loss_sum / args.inner_steps, acc_sum / args.inner_steps)
     k = max(steps, 1)
-    return (loss_sum / max(n, 1), acc_sum / max(n, 1), (time.time() - t0) / k, t_hyper / k,
-            {"weight_steps": n, **{key: val / k for key, val in norms.items()}})
+    return progress.summary(), t_hyper / k, {"weight_steps": n, **{key: val / k for key, val in norms.items()}}
 
 
 def search(args, device, run_dir, log):
@@ -318,11 +405,15 @@ def search(args, device, run_dir, log):
     train_set, num_classes, _ = common.load_dataset(args.dataset, args.data, True, args.image_size)
     train_data, val_data = common.search_loaders(train_set, args.batch_size, args.train_portion, generator,
                                                  args.workers)
-    model = Network(args.init_channels, num_classes, args.layers).to(device)
+    nb201 = args.space == "nb201"
+    model = NB201Supernet(args.init_channels, num_classes, args.layers) if nb201 else \
+        Network(args.init_channels, num_classes, args.layers)
+    model = common.speed_up(model.to(device), args)
+    primitives = NB201_PRIMITIVES if nb201 else PRIMITIVES
     log.info("supernet: %.3f M weights, alphas %s", sum(p.numel() for p in model.weight_parameters()) / 1e6,
              [tuple(a.shape) for a in model.arch_parameters()])
     w_optimizer = torch.optim.SGD(model.weight_parameters(), args.lr, momentum=args.momentum,
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, nesterov=args.nesterov)
     # architect.py: Adam with betas (0.5, 0.999), weight decay 1e-3 (also both iDARTS variants)
     a_optimizer = torch.optim.Adam(model.arch_parameters(), args.arch_lr, betas=(0.5, 0.999),
                                    weight_decay=args.arch_weight_decay)
@@ -338,36 +429,37 @@ def search(args, device, run_dir, log):
         t0 = time.time()
         lr = w_optimizer.param_groups[0]["lr"]
         train_iter = common.forever(train_data)  # T + 1 train batches per alpha step (Deviation 6)
-        train_loss, train_acc, s_per_step, s_hyper, stats = search_epoch(
+        train, s_hyper, stats = search_epoch(
             model, train_iter, val_data, w_optimizer, a_optimizer, device, args, log, epoch)
         val_loss, val_acc = common.evaluate(model, val_data, device, args.amp, args.steps_per_epoch)
         scheduler.step()
         genotype = model.genotype()
-        weights = {"normal": F.softmax(model.alphas_normal, -1).tolist(),
-                   "reduce": F.softmax(model.alphas_reduce, -1).tolist()}
+        weights = {k: F.softmax(a, -1).tolist() for k, a in model.alphas().items()}
         alpha_history.append(weights)
-        row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-               "val_acc": val_acc, "seconds": time.time() - t0, "seconds_per_step": s_per_step,
-               "seconds_per_hypergradient": s_hyper, **stats, "genotype": common.genotype_to_dict(genotype)}
+        row = {"epoch": epoch, "lr": lr, **train, "val_loss": val_loss, "val_acc": val_acc,
+               "seconds": time.time() - t0, "seconds_per_hypergradient": s_hyper, **stats,
+               "genotype": common.genotype_to_dict(genotype), **(common.nb201_epoch_row(args, genotype, log)
+                                                                 if nb201 else {})}
         history.append(row)
         common.append_jsonl(run_dir / "search_history.jsonl", row)
         common.append_jsonl(run_dir / "alphas.jsonl", {"epoch": epoch, "softmax": weights,
-                                                       "alpha": {"normal": model.alphas_normal.tolist(),
-                                                                 "reduce": model.alphas_reduce.tolist()}})
+                                                       "alpha": {k: a.tolist() for k, a in model.alphas().items()}})
         common.write_json(run_dir / "genotype.json", common.genotype_to_dict(genotype))
-        log.info("search epoch %d lr %.5f train_acc %.2f val_acc %.2f %.1fs, |d_alpha L_val| %.3g, "
-                 "|implicit term| %.3g", epoch, lr, train_acc, val_acc, row["seconds"], stats["direct_norm"],
-                 stats["implicit_norm"])
+        log.info("search epoch %d lr %.5f train_acc %.2f val_acc %.2f %.1fs (%.3f s hypergradient per step), "
+                 "|d_alpha L_val| %.3g, |implicit term| %.3g", epoch, lr, row["train_acc"], val_acc, row["seconds"],
+                 s_hyper, stats["direct_norm"], stats["implicit_norm"])
         log.info("genotype %s", genotype)
         # TRY NOT TO MODIFY: checkpoint with everything needed to resume, alphas included
         common.save_checkpoint(run_dir / "checkpoint_search.pt", {
             **common.make_checkpoint("idarts", epoch, args, generator, model=model, w_optimizer=w_optimizer,
                                      a_optimizer=a_optimizer, scheduler=scheduler),
-            "alphas": {"normal": model.alphas_normal.detach().cpu(), "reduce": model.alphas_reduce.detach().cpu()},
+            "alphas": {k: a.detach().cpu() for k, a in model.alphas().items()},
             "genotype": common.genotype_to_dict(genotype)})
     genotype = model.genotype()  # also when a resumed run had nothing left to search
-    common.plot_alphas(alpha_history[-1], run_dir / "alphas.png")
-    common.plot_alpha_evolution(alpha_history, run_dir / "alpha_evolution.png")
+    common.plot_alphas(alpha_history[-1], run_dir / "alphas.png", primitives)
+    common.plot_alpha_evolution(alpha_history, run_dir / "alpha_evolution.png", primitives)
+    if nb201 and args.nb201_benchmark:
+        common.plot_nb201_history(history, run_dir / "nb201.png")
     common.plot_curves(history, ["train_acc", "val_acc"], run_dir / "search_curves.png", "iDARTS search")
     common.plot_curves(history, ["direct_norm", "implicit_norm"], run_dir / "hypergradient.png",
                        "iDARTS hypergradient: |d_alpha L_val| and |gamma A s| (mean per step)", ylabel="norm")
@@ -383,6 +475,8 @@ def search(args, device, run_dir, log):
 # =====================================================================================
 def main(args):
     args, device = common.prepare(args, __file__)  # --resume's flags, the device, every flag's range
+    if args.space == "darts" and args.layers < 3:  # NB-201's N may be 1 or 2
+        raise UsageError(f"--layers must be >=3, got {args.layers} (the DARTS space; --space nb201 allows N >= 1)")
     genotype = common.parse_genotype(args.genotype) if args.genotype else None  # fail before any work
     return common.run(args, __file__, "idarts", device, genotype, search)
 

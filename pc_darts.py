@@ -8,6 +8,19 @@ This file is darts.py with what PC-DARTS changed: `diff darts.py pc_darts.py`.
 Reproduce the paper (search, derive the cell, retrain 600 epochs, test on CIFAR-10):
     python pc_darts.py --epochs 50          # 50 is the default: batch 256, 15 warm-up epochs
     python pc_darts.py --genotype PC_DARTS  # retrain the published cell only
+    python pc_darts.py --space nb201        # search the NAS-Bench-201 cell (partial channels + edge normalisation)
+
+NAS-Bench-201 (Dong & Yang, ICLR 2020, arXiv:2001.00326), --space nb201: partial channels and edge
+normalisation apply cleanly. Every NB-201 edge keeps (C, H, W) (stride 1, C -> C), so Eq. (2) sends the first
+C/K channels of each of the 6 edges through the 5 NB-201 ops (built at C/K channels) and the rest around them,
+then shuffles with K groups, exactly as on a DARTS normal edge; C, 2C and 4C are multiples of K when C is.
+Eq. (3) softmaxes beta over each node's incoming edges: node 1 has one (its softmax is 1, so that beta gets
+no gradient), node 2 two, node 3 three. The derived cell keeps all 6 edges (argmax op per edge, 'none'
+allowed, as the benchmark derives cells): softmax(beta) scales a whole edge, so it does not change that
+argmax; beta acts on the search through Eq. (3) only. PC-DARTS released no NB-201 code and the benchmark
+paper does not run it: the search schedule is the benchmark's DARTS protocol (Args.NB201, D-X-Y/
+AutoDL-Projects @ f46486e configs/nas-benchmark/algos/DARTS.config, scripts-search/NAS-Bench-201-algos/
+DARTS-V1.sh) with PC-DARTS's own K, warm-up and arch lr (ours).
 
 Equations implemented (numbers of arXiv:1907.05737, also used in notebooks/pc_darts.ipynb):
     Eq. (1)  f^(i,j)(x) = sum_o softmax(alpha^(i,j))_o * o(x)          (DARTS's mixed op) -> MixedOp.forward
@@ -59,20 +72,48 @@ Deviations from the paper (each is what the official code does, unless marked "o
        MaxPool2d(2, 2) (model_search.py line 30) rounds down and the concat fails. Even sizes: identical.
    14. ours: the searched cell is derived after the last epoch; train_search.py logs model.genotype() at
        the start of each epoch (lines 117-118), so its last logged cell is the one before epoch 49 trains.
+   15. --space nb201, ours (no official PC-DARTS NB-201 code): see above; the lr anneals once per epoch (the
+       benchmark's scripts: every step), the weights / alpha split is the 50/50 cut of darts.py, and the
+       search BN tracks running statistics (--no-track-running-stats: the benchmark's BN 0 setting).
+   16. --dataset imagenet search, ours: the subsets are drawn by the script from ImageNet's train/ folder with
+       --seed (per class, rounded, at least one image each); the official code reads a copy prepared
+       beforehand (imagenet_search/train and val, train_search_imagenet.py lines 62-64, 86-87). Both are
+       augmented with RandomResizedCrop(224) + flip, no colour jitter (lines 94-105). The lr warm-up
+       lr (e+1)/5 of the first 5 epochs (lines 155-158) is --lr-warmup-epochs; alpha and beta are clipped
+       to norm 5 (line 204; the CIFAR search does not clip them), --arch-grad-clip. The val subset is
+       evaluated every epoch (official: from epoch 47, line 170).
    Plus the deviations shared by every method file, listed in common.py's docstring (C1-C5).
 
+ImageNet search (paper Sec. 4.3; train_search_imagenet.py and model_search_imagenet.py @ b74702f),
+--dataset imagenet: random 10 % / 2.5 % of every class of the ImageNet train set train the weights / alpha
+and beta (--imagenet-weights-portion, --imagenet-alpha-portion; README line 47), the supernet gets the
+ImageNet stem (three stride-2 3x3 convs, so 224 px reach the cells at 28 px) and K=2, and the search
+hyper-parameters are the official ones (Args.IMAGENET_SEARCH: batch 1024, lr 0.5, arch lr 6e-3, 35
+warm-up epochs, ...). Run it data-parallel:
+    torchrun --nproc_per_node 8 pc_darts.py --dataset imagenet --data /path/to/imagenet
+Under torchrun the search is data-parallel (ours; the official code uses nn.DataParallel on 8 GPUs,
+train_search_imagenet.py line 118): each process takes --batch-size / world images of every weight and
+every alpha batch, the gradients of the weights and of alpha and beta are averaged over the processes
+(all_reduce) before each step, so every process holds the same weights, alphas and betas; BN statistics
+are per process (as per GPU under nn.DataParallel) and rank 0's running statistics are broadcast after
+every step; rank 0 writes the run folder. The logged train loss and accuracy are rank 0's shard.
+
 --k 1 gives DARTS's mixed op (all channels, no shuffle) with edge normalisation added.
-Runs: --resume RUN_DIR continues a killed run; under torchrun only retraining is distributed
-(README.md, "Resume a killed run" and "Several GPUs").
+Runs: --resume RUN_DIR continues a killed run (README.md, "Resume a killed run" and "Several GPUs"; a search
+resumed under torchrun reads rank 0's checkpoint on every process, which no test covers yet).
 """
 
 import dataclasses
+import hashlib
+import os
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms as T
 
 import common
 from common import OPS, PRIMITIVES, Genotype, UsageError, arg
@@ -91,10 +132,13 @@ class Args(common.BaseArgs):
     lr_min: float = arg(0.0, "train_search.py --learning_rate_min 0.0 (cosine floor; V100 copy: 0.001)",
                         check=">=0")
     momentum: float = arg(0.9, "train_search.py --momentum 0.9", check="[0,1)")
+    nesterov: bool = arg(False, "Nesterov momentum for the weights (train_search.py: off; NAS-Bench-201's "
+                         "DARTS.config line 10: on)")
     weight_decay: float = arg(3e-4, "train_search.py --weight_decay 3e-4", check=">=0")
     init_channels: int = arg(16, "train_search.py --init_channels 16 (a multiple of --k)", check=">=1")
     layers: int = arg(8, "train_search.py --layers 8 (cells in the supernet; at least 3, or there is no normal "
-                      "cell and alphas_normal gets no gradient)", check=">=3")
+                      "cell and alphas_normal gets no gradient); --space nb201: N, search cells per stage (>=1)",
+                      check=">=1")
     grad_clip: float = arg(5.0, "train_search.py --grad_clip 5 (weights only); 0 = no clipping", check=">=0")
     train_portion: float = arg(0.5, "train_search.py --train_portion 0.5 (weights / alpha split)", check="(0,1)")
     arch_lr: float = arg(6e-4, "train_search.py --arch_learning_rate 6e-4 (Adam, alpha and beta)", check=">0",
@@ -104,9 +148,56 @@ class Args(common.BaseArgs):
                  "ImageNet search: 2)", check=">=1")
     warmup_epochs: int = arg(15, "train weights only in 0-based epochs 0..N-1, alpha and beta from epoch N on "
                              "(train_search.py `if epoch >= 15`)", check=">=0")
+    # NAS-Bench-201 (issue 15)
+    space: str = arg("darts", "darts | nb201: the NAS-Bench-201 cell (4 nodes, 6 edges, 5 ops) in the benchmark's "
+                     "macro network, partial channels on all 6 edges; defaults then follow configs/nas-benchmark/"
+                     "algos/DARTS.config and scripts-search/NAS-Bench-201-algos/DARTS-V1.sh with PC-DARTS's K, "
+                     "warm-up and arch lr (see [--space nb201: ...])", check=("darts", "nb201"))
+    nb201_benchmark: str = arg("", common.NB201_BENCHMARK_HELP)
+    track_running_stats: bool = arg(True, "--space nb201: BN running statistics in the search cells (the "
+                                    "benchmark's BN argument, 1 in docs/NAS-Bench-201.md lines 227-228)")
+    # ImageNet search (paper Sec. 4.3, train_search_imagenet.py)
+    imagenet_weights_portion: float = arg(0.1, "--dataset imagenet search: the share of every class of the train "
+                                          "set, drawn at random, that trains the weights (README line 47: 10 percent)",
+                                          check="(0,1)")
+    imagenet_alpha_portion: float = arg(0.025, "--dataset imagenet search: the share of every class, disjoint from "
+                                        "the weights' share, that trains alpha and beta (README line 47: 2.5 percent)",
+                                        check="(0,1)")
+    lr_warmup_epochs: int = arg(0, "the search lr is lr (e+1)/N in the first N epochs, then the cosine "
+                                "(train_search_imagenet.py lines 155-158, batch > 256)", check=">=0")
+    arch_grad_clip: float = arg(0.0, "clip the gradient norm of alpha and beta (train_search_imagenet.py line 204: "
+                                "5; train_search.py: none); 0 = no clipping", check=">=0")
     # retraining: train.py differs from DARTS's only here (train.py line 37)
     drop_path_prob: float = arg(0.3, "train.py --drop_path_prob 0.3 (DARTS: 0.2; linear ramp from 0)", "retrain",
                                 "[0,1)")
+
+
+    # The benchmark's DARTS protocol (AutoDL-Projects @ f46486e configs/nas-benchmark/algos/DARTS.config lines
+    # 2-12: cosine 0.025 -> 0.001, 50 epochs, SGD wd 5e-4, momentum 0.9, Nesterov, batch 64; DARTS-V1.sh lines
+    # 20-21: C=16, N=5); K=4, 15 warm-up epochs, arch Adam 6e-4 / 1e-3 stay PC-DARTS's (train_search.py).
+    NB201 = {"epochs": 50, "batch_size": 64, "lr": 0.025, "lr_min": 0.001, "momentum": 0.9, "nesterov": True,
+             "weight_decay": 5e-4, "init_channels": 16, "layers": 5, "grad_clip": 5.0, "k": 4, "warmup_epochs": 15,
+             "arch_lr": 6e-4, "arch_weight_decay": 1e-3}
+    # ImageNet retraining, the mobile setting of the official train_imagenet.py (@ b74702f): batch 1024 (line 24),
+    # lr 0.5 (25), momentum 0.9 (26), weight decay 3e-5 (27), 250 epochs (29), C=48 (30), 14 cells (31), the
+    # auxiliary tower (README line 69 passes --auxiliary; weight 0.4, line 33), drop path 0 (34), grad clip 5
+    # (38), label smoothing 0.1 (39) on the main and auxiliary losses (lines 100, 209-212), the linear schedule
+    # (40, adjust_lr lines 186-194) and 5 warm-up epochs lr0 (e+1)/5 (lines 156-159, applied there only when the
+    # batch exceeds 256: pass --retrain-warmup-epochs 0 with a smaller --retrain-batch-size); no cutout.
+    IMAGENET_RETRAIN = {"retrain_epochs": 250, "retrain_batch_size": 1024, "retrain_lr": 0.5, "retrain_momentum": 0.9,
+                "retrain_weight_decay": 3e-5, "retrain_schedule": "linear", "retrain_warmup_epochs": 5,
+                "label_smoothing": 0.1, "auxiliary": True, "auxiliary_weight": 0.4, "drop_path_prob": 0.0,
+                "retrain_grad_clip": 5.0, "retrain_init_channels": 48, "retrain_layers": 14, "cutout": False}
+    # The ImageNet search, train_search_imagenet.py @ b74702f: batch 1024 (line 26, over 8 GPUs), lr 0.5 (27),
+    # cosine to 0 (28, 146-147), momentum 0.9 (29), weight decay 3e-4 (30), 50 epochs (32), C=16 (33), 8 cells
+    # (34), weight grad clip 5 (41, 213), arch Adam lr 6e-3 (43), wd 1e-3 (44), arch steps from epoch 35 (--begin,
+    # lines 45 and 199), alpha/beta clipped to 5 (204), lr warm-up 5 epochs (155-158); K=2 (model_search_imagenet.py
+    # lines 34, 42-43, 59: C//2 channels through the ops, channel_shuffle(ans, 2)).
+    IMAGENET_SEARCH = {"batch_size": 1024, "lr": 0.5, "lr_min": 0.0, "momentum": 0.9, "weight_decay": 3e-4,
+                       "epochs": 50, "init_channels": 16, "layers": 8, "grad_clip": 5.0, "arch_lr": 6e-3,
+                       "arch_weight_decay": 1e-3, "warmup_epochs": 35, "arch_grad_clip": 5.0, "lr_warmup_epochs": 5,
+                       "k": 2}
+    IMAGENET = {**IMAGENET_RETRAIN, **IMAGENET_SEARCH}  # --dataset imagenet: both (common.apply_recipes)
 
 
 # =====================================================================================
@@ -123,15 +214,19 @@ class MixedOp(nn.Module):
     """All candidate ops on one edge, built for C/K channels; search ops have affine=False and
     pools get a BN (official). Channels C/K.. bypass the ops (Deviation 1)."""
 
-    def __init__(self, C, stride, k):
+    def __init__(self, C, stride, k, space="darts", track_running_stats=True):
         super().__init__()
         self.k = k
         self.ops = nn.ModuleList()
-        for name in PRIMITIVES:
-            op = OPS[name](C // k, stride, False)
-            if "pool" in name:
-                op = nn.Sequential(op, nn.BatchNorm2d(C // k, affine=False))
-            self.ops.append(op)
+        if space == "nb201":  # NB-201's five ops at C/K -> C/K, pools without a BN (search_cells.py)
+            self.ops.extend(common.NB201_OPS[name](C // k, C // k, stride, False, track_running_stats)
+                            for name in common.NB201_PRIMITIVES)
+        else:
+            for name in PRIMITIVES:
+                op = OPS[name](C // k, stride, False)
+                if "pool" in name:
+                    op = nn.Sequential(op, nn.BatchNorm2d(C // k, affine=False))
+                self.ops.append(op)
         # the bypassed channels must shrink like the op outputs on stride-2 edges (official self.mp);
         # Deviation 13: ceil_mode gives ceil(H/2) as the ops do, also at odd H (same as official at even H)
         self.bypass = nn.MaxPool2d(2, 2, ceil_mode=True) if stride == 2 else nn.Identity()
@@ -170,13 +265,14 @@ class SearchCell(nn.Module):
         return torch.cat(states[-self.multiplier:], dim=1)  # (B, multiplier*C, H, W)
 
 
-def edge_softmax(beta, steps=4):
+def edge_softmax(beta, steps=4, first=2):
     """Eq. (3): softmax of beta over the incoming edges of each node, i.e. over the slices
-    [0:2], [2:5], [5:9], [9:14] of the (n_edges,) vector (official: weights2 / betas)."""
+    [0:2], [2:5], [5:9], [9:14] of the (n_edges,) vector (official: weights2 / betas). first=1, steps=3:
+    NAS-Bench-201's nodes 1, 2, 3 with 1, 2, 3 incoming edges, slices [0:1], [1:3], [3:6]."""
     out, start = [], 0
     for i in range(steps):
-        out.append(F.softmax(beta[start:start + i + 2], dim=-1))
-        start += i + 2
+        out.append(F.softmax(beta[start:start + i + first], dim=-1))
+        start += i + first
     return torch.cat(out)  # (n_edges,)
 
 
@@ -184,14 +280,22 @@ class Network(nn.Module):
     """The PC-DARTS supernet: stem, `layers` search cells (all normal cells share alphas_normal and
     betas_normal, all reduction cells alphas_reduce and betas_reduce), global pool, linear."""
 
-    def __init__(self, C, num_classes, layers, k=4, steps=4, multiplier=4, stem_multiplier=3):
+    def __init__(self, C, num_classes, layers, k=4, steps=4, multiplier=4, stem_multiplier=3, imagenet=False):
         super().__init__()
-        self.steps = steps
+        self.steps, self.imagenet = steps, imagenet
         C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+        if imagenet:  # model_search_imagenet.py lines 113-125: three stride-2 convs, 224 px -> 56 (s0), 28 (s1)
+            self.stem0 = nn.Sequential(nn.Conv2d(3, C_curr // 2, 3, stride=2, padding=1, bias=False),
+                                       nn.BatchNorm2d(C_curr // 2), nn.ReLU(inplace=True),
+                                       nn.Conv2d(C_curr // 2, C_curr, 3, stride=2, padding=1, bias=False),
+                                       nn.BatchNorm2d(C_curr))
+            self.stem1 = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(C_curr, C_curr, 3, stride=2, padding=1, bias=False),
+                                       nn.BatchNorm2d(C_curr))
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
         C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
         self.cells = nn.ModuleList()
-        reduction_prev = False
+        reduction_prev = imagenet  # line 130: s0 is twice s1's size, so cell 0 reduces it (FactorizedReduce)
         for i in range(layers):
             reduction = i in common.reduction_layers(layers)
             C_curr = C_curr * 2 if reduction else C_curr
@@ -211,7 +315,11 @@ class Network(nn.Module):
         w_normal = F.softmax(self.alphas_normal, dim=-1)
         w_reduce = F.softmax(self.alphas_reduce, dim=-1)
         e_normal, e_reduce = edge_softmax(self.betas_normal, self.steps), edge_softmax(self.betas_reduce, self.steps)
-        s0 = s1 = self.stem(x)
+        if self.imagenet:
+            s0 = self.stem0(x)  # (B, 3C, H/4, W/4)
+            s1 = self.stem1(s0)  # (B, 3C, H/8, W/8)
+        else:
+            s0 = s1 = self.stem(x)
         for cell in self.cells:
             s0, s1 = s1, (cell(s0, s1, w_reduce, e_reduce) if cell.reduction else cell(s0, s1, w_normal, e_normal))
         return self.classifier(F.adaptive_avg_pool2d(s1, 1).flatten(1))
@@ -231,6 +339,159 @@ class Network(nn.Module):
         w = self.edge_weights()
         # ALGO LOGIC: Sec. 3.3: DARTS's rule on softmax(beta) * softmax(alpha) instead of softmax(alpha)
         return derive_genotype(w["normal"], w["reduce"], self.steps)
+
+
+class NB201SearchCell(nn.Module):
+    """The NAS-Bench-201 cell with partial channels on its 6 edges (common.NB201_EDGES order) and Eq. (3)
+    edge weights: node i = sum_{j<i} softmax(beta)_(i,j) * f_PC^(i,j)(node j), output node 3."""
+
+    def __init__(self, C, k, track_running_stats=True):
+        super().__init__()
+        self.edges = nn.ModuleList(MixedOp(C, 1, k, "nb201", track_running_stats) for _ in common.NB201_EDGES)
+
+    def forward(self, x, weights, edge_weights):  # x: (B, C, H, W), weights: (6, 5), edge_weights: (6,)
+        nodes = [x]
+        for i in range(1, common.NB201_NODES):
+            # ALGO LOGIC: Eq. (3) on the NB-201 DAG
+            nodes.append(sum(edge_weights[e] * self.edges[e](nodes[j], weights[e])
+                             for e, (to, j) in enumerate(common.NB201_EDGES) if to == i))
+        return nodes[-1]
+
+
+class NB201Network(nn.Module):
+    """The PC-DARTS supernet in the NAS-Bench-201 space: the benchmark's search skeleton (stem, 3 stages of
+    N cells at C, 2C, 4C, residual blocks between, BN-ReLU, pool, linear; search_model_darts.py) with
+    NB201SearchCell; one alpha (6, 5) and one beta (6,) shared by all cells."""
+
+    def __init__(self, C, num_classes, N, k=4, track_running_stats=True):
+        super().__init__()
+        self.stem = common.nb201_stem(C)
+        self.cells = nn.ModuleList(NB201SearchCell(c_in, k, track_running_stats) if kind == "cell"
+                                   else common.NB201ResNetBlock(c_in, c_out) for kind, c_in, c_out in common.nb201_layout(C, N))
+        self.lastact = common.nb201_lastact(4 * C)
+        self.classifier = nn.Linear(4 * C, num_classes)
+        # Deviation 2: 1e-3 * N(0, 1)
+        self.alphas = nn.Parameter(1e-3 * torch.randn(len(common.NB201_EDGES), len(common.NB201_PRIMITIVES)))
+        self.betas = nn.Parameter(1e-3 * torch.randn(len(common.NB201_EDGES)))
+
+    def forward(self, x):
+        w, e = F.softmax(self.alphas, dim=-1), edge_softmax(self.betas, 3, first=1)  # (6, 5), (6,)
+        h = self.stem(x)
+        for cell in self.cells:
+            h = cell(h, w, e) if isinstance(cell, NB201SearchCell) else cell(h)
+        return self.classifier(F.adaptive_avg_pool2d(self.lastact(h), 1).flatten(1))
+
+    def arch_parameters(self):
+        return [self.alphas, self.betas]
+
+    def weight_parameters(self):
+        return [p for n, p in self.named_parameters() if n not in ("alphas", "betas")]
+
+    def edge_weights(self):
+        return {"cell": F.softmax(self.alphas, -1) * edge_softmax(self.betas, 3, first=1)[:, None]}
+
+    def genotype(self):
+        # argmax op per edge, 'none' allowed; the per-edge factor softmax(beta) leaves the argmax unchanged
+        return common.nb201_derive(self.edge_weights()["cell"])
+
+
+def arch_state(model):
+    """(softmax(alpha), Eq. (3) softmax(beta), raw alpha, raw beta) per cell type, as lists for alphas.jsonl."""
+    if isinstance(model, NB201Network):
+        return ({"cell": F.softmax(model.alphas, -1).tolist()},
+                {"cell": edge_softmax(model.betas, 3, first=1).tolist()},
+                {"cell": model.alphas.tolist()}, {"cell": model.betas.tolist()})
+    return ({c: F.softmax(getattr(model, "alphas_" + c), -1).tolist() for c in ("normal", "reduce")},
+            {c: edge_softmax(getattr(model, "betas_" + c)).tolist() for c in ("normal", "reduce")},
+            {c: getattr(model, "alphas_" + c).tolist() for c in ("normal", "reduce")},
+            {c: getattr(model, "betas_" + c).tolist() for c in ("normal", "reduce")})
+
+
+# =====================================================================================
+# Data-parallel search (torchrun) and the ImageNet search subsets
+# =====================================================================================
+def world():
+    """(rank, world size) of the running process group, (0, 1) without one."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def average_across_processes(tensors):
+    """In place: every tensor becomes its mean over the processes (one all_reduce of the flattened lot)."""
+    _, n = world()
+    if n == 1 or not tensors:
+        return
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= n
+    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(chunk.view_as(t))
+
+
+def broadcast_from_rank_0(tensors):
+    if world()[1] > 1:
+        for t in tensors:
+            dist.broadcast(t, 0)
+
+
+def imagenet_search_subsets(train_set, weights_portion, alpha_portion, seed):
+    """Paper Sec. 4.3 / README line 47: from every class a random weights_portion of its images for the
+    weights and a disjoint alpha_portion for alpha and beta (rounded, at least one each). Returns two
+    index lists into train_set (an ImageFolder: .targets)."""
+    g = torch.Generator().manual_seed(seed)  # its own generator: the same subsets on every rank and on resume
+    targets = torch.as_tensor(train_set.targets)
+    w_idx, a_idx = [], []
+    for c in range(len(train_set.classes)):
+        idx = (targets == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_w, n_a = max(1, round(weights_portion * len(idx))), max(1, round(alpha_portion * len(idx)))
+        if n_w + n_a > len(idx):
+            raise UsageError(f"--dataset imagenet: class {train_set.classes[c]} has {len(idx)} images, too few for "
+                             f"disjoint {weights_portion:g} / {alpha_portion:g} subsets")
+        w_idx += idx[:n_w].tolist()
+        a_idx += idx[n_w:n_w + n_a].tolist()
+    return w_idx, a_idx
+
+
+def search_data(args, generator):
+    """(weights loader, alpha loader, num_classes). CIFAR and the others: the official 50/50 cut of the
+    training set (common.search_loaders); --dataset imagenet: imagenet_search_subsets with the search
+    augmentation of train_search_imagenet.py lines 94-105. Under torchrun every process reads its
+    1/world share of each (DistributedSampler, reshuffled per epoch), batches of --batch-size / world."""
+    rank, n = world()
+    if args.dataset == "imagenet":
+        train_set, num_classes, size = common.load_dataset("imagenet", args.data, True, args.image_size, augment=False)
+        train_set.transform = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+                                         T.Normalize(*common.IMAGENET_STATS)])
+        w_idx, a_idx = imagenet_search_subsets(train_set, args.imagenet_weights_portion, args.imagenet_alpha_portion,
+                                               args.seed)
+    else:
+        train_set, num_classes, _ = common.load_dataset(args.dataset, args.data, True, args.image_size)
+        if n == 1:
+            return (*common.search_loaders(train_set, args.batch_size, args.train_portion, generator, args.workers),
+                    num_classes)
+        split = int(np.floor(args.train_portion * len(train_set)))
+        w_idx, a_idx = list(range(split)), list(range(split, len(train_set)))
+    if n == 1:
+        return (common.loader(train_set, args.batch_size, True, generator, args.workers, w_idx),
+                common.loader(train_set, args.batch_size, True, generator, args.workers, a_idx), num_classes)
+    return tuple(common.loader(subset, args.batch_size // n, True, generator, args.workers,
+                               sampler=torch.utils.data.DistributedSampler(subset, n, rank, seed=args.seed))
+                 for subset in (torch.utils.data.Subset(train_set, w_idx), torch.utils.data.Subset(train_set, a_idx))) \
+        + (num_classes,)
+
+
+def search_scheduler(w_optimizer, args):
+    """Cosine from lr to lr_min over the epochs (train_search.py); with --lr-warmup-epochs W the first W
+    epochs run at lr (e+1)/W instead (train_search_imagenet.py lines 155-158)."""
+    if args.lr_warmup_epochs == 0:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(w_optimizer, args.epochs, eta_min=args.lr_min)
+
+    def factor(e):
+        if e < args.lr_warmup_epochs:
+            return (e + 1) / args.lr_warmup_epochs
+        return (args.lr_min + (args.lr - args.lr_min) * (1 + np.cos(np.pi * e / args.epochs)) / 2) / args.lr
+
+    return torch.optim.lr_scheduler.LambdaLR(w_optimizer, factor)
 
 
 # =====================================================================================
@@ -277,7 +538,7 @@ def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, 
     (official order)."""
     model.train()
     steps = min(len(train_data), args.steps_per_epoch or len(train_data))
-    loss_sum, acc_sum, n, t0 = 0.0, 0.0, 0, time.time()
+    progress = common.Progress(log, "search", epoch, steps, args.report_freq, device)
     for step, (x, y) in enumerate(train_data):
         if step >= steps:
             break
@@ -287,8 +548,10 @@ def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, 
         if epoch >= args.warmup_epochs:
             with common.autocast(device, args.amp):
                 grads, _ = first_order_arch_grad(model, x_val, y_val)
+            average_across_processes(grads)  # torchrun: the mean over every process's share of the batch
             for a, g in zip(model.arch_parameters(), grads):
                 a.grad = g
+            common.clip_grad(model.arch_parameters(), args.arch_grad_clip)  # ImageNet search only
             a_optimizer.step()  # Adam on alpha and beta together
         # weight step (SGD on w, grad-norm clip 5; alpha and beta are not clipped)
         w_optimizer.zero_grad(set_to_none=True)
@@ -296,13 +559,12 @@ def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, 
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
         loss.backward()
+        average_across_processes([p.grad for p in model.weight_parameters() if p.grad is not None])
         common.clip_grad(model.weight_parameters(), args.grad_clip)
         w_optimizer.step()
-        loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + common.accuracy(logits, y), n + 1
-        if (step + 1) % args.report_freq == 0 or step + 1 == steps:
-            log.info("search epoch %d step %d/%d loss %.4f acc %.2f (%.3f s/step)", epoch, step + 1, steps,
-                     loss_sum / n, acc_sum / n, (time.time() - t0) / n)
-    return loss_sum / max(n, 1), acc_sum / max(n, 1), (time.time() - t0) / max(n, 1)
+        broadcast_from_rank_0(list(model.buffers()))  # one set of BN running statistics (DDP does the same)
+        progress.update(loss.item(), common.accuracy(logits, y))
+    return progress.summary()
 
 
 def peak_memory_mb(device):
@@ -340,72 +602,83 @@ def plot_beta_evolution(history, path):
 def search(args, device, run_dir, log):
     """Run the search; returns (final genotype, summary). Writes per epoch: search_history.jsonl,
     alphas.jsonl, genotype.json, checkpoint_search.pt; at the end the figures."""
+    rank, n_proc = world()
     generator = torch.Generator().manual_seed(args.seed)
-    train_set, num_classes, _ = common.load_dataset(args.dataset, args.data, True, args.image_size)
-    train_data, val_data = common.search_loaders(train_set, args.batch_size, args.train_portion, generator,
-                                                 args.workers)
-    model = Network(args.init_channels, num_classes, args.layers, args.k).to(device)
+    train_data, val_data, num_classes = search_data(args, generator)
+    nb201 = args.space == "nb201"
+    net = NB201Network(args.init_channels, num_classes, args.layers, args.k, args.track_running_stats) if nb201 \
+        else Network(args.init_channels, num_classes, args.layers, args.k, imagenet=args.dataset == "imagenet")
+    net.to(device)
+    broadcast_from_rank_0(list(net.state_dict().values()))  # torchrun: every process starts from rank 0's supernet
+    model = common.speed_up(net, args)
     log.info("supernet: %.3f M weights, K=%d, arch parameters %s",
              sum(p.numel() for p in model.weight_parameters()) / 1e6, args.k,
              [tuple(a.shape) for a in model.arch_parameters()])
     w_optimizer = torch.optim.SGD(model.weight_parameters(), args.lr, momentum=args.momentum,
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, nesterov=args.nesterov)
     # architect.py: Adam with betas (0.5, 0.999), weight decay 1e-3, on [alphas, betas]
     a_optimizer = torch.optim.Adam(model.arch_parameters(), args.arch_lr, betas=(0.5, 0.999),
                                    weight_decay=args.arch_weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(w_optimizer, args.epochs, eta_min=args.lr_min)
+    scheduler = search_scheduler(w_optimizer, args)
     start = 0
     if args.resume:  # TRY NOT TO MODIFY: continue after the last finished epoch, bit for bit
         start = common.resume_from(run_dir / "checkpoint_search.pt", "pc_darts", generator, model=model,
                                    w_optimizer=w_optimizer, a_optimizer=a_optimizer, scheduler=scheduler)
         log.info("resuming the search at epoch %d", start)
-    history = common.keep_jsonl(run_dir / "search_history.jsonl", start)
-    alpha_rows = common.keep_jsonl(run_dir / "alphas.jsonl", start)
+    history = common.keep_jsonl(run_dir / "search_history.jsonl", start) if rank == 0 else []
+    alpha_rows = common.keep_jsonl(run_dir / "alphas.jsonl", start) if rank == 0 else []
     alpha_history, beta_history = [r["softmax"] for r in alpha_rows], [r["beta_softmax"] for r in alpha_rows]
     for epoch in range(start, args.epochs):
         t0 = time.time()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         lr = w_optimizer.param_groups[0]["lr"]
+        for data in (train_data, val_data):
+            if hasattr(data.sampler, "set_epoch"):  # torchrun: DistributedSampler reshuffles per epoch
+                data.sampler.set_epoch(epoch)
         val_iter = common.forever(val_data)  # one pass of the val half per epoch at the 50/50 split
-        train_loss, train_acc, s_per_step = search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer,
-                                                         device, args, log, epoch)
-        memory = peak_memory_mb(device)
-        val_loss, val_acc = common.evaluate(model, val_data, device, args.amp, args.steps_per_epoch)
+        train = search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, args, log, epoch)
+        memory = peak_memory_mb(device)  # Progress reset the CUDA peak at the start of the epoch
+        val = torch.tensor(common.evaluate(model, val_data, device, args.amp, args.steps_per_epoch), device=device)
+        average_across_processes([val])  # torchrun: the mean over the processes' equal shares
+        val_loss, val_acc = val.tolist()
         scheduler.step()
         genotype = model.genotype()
-        weights = {"normal": F.softmax(model.alphas_normal, -1).tolist(),
-                   "reduce": F.softmax(model.alphas_reduce, -1).tolist()}
-        betas = {"normal": edge_softmax(model.betas_normal).tolist(),
-                 "reduce": edge_softmax(model.betas_reduce).tolist()}
+        weights, betas, raw_alpha, raw_beta = arch_state(model)
         alpha_history.append(weights)
         beta_history.append(betas)
-        row = {"epoch": epoch, "lr": lr, "arch_step": epoch >= args.warmup_epochs, "train_loss": train_loss,
-               "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc, "seconds": time.time() - t0,
-               "seconds_per_step": s_per_step, "peak_memory_MB": memory,
-               "genotype": common.genotype_to_dict(genotype)}
+        row = {"epoch": epoch, "lr": lr, "arch_step": epoch >= args.warmup_epochs, **train,
+               "val_loss": val_loss, "val_acc": val_acc, "seconds": time.time() - t0, "peak_memory_MB": memory,
+               "genotype": common.genotype_to_dict(genotype), **(common.nb201_epoch_row(args, genotype, log) if nb201 else {})}
         history.append(row)
+        if rank != 0:  # rank 0 writes the run folder
+            continue
         common.append_jsonl(run_dir / "search_history.jsonl", row)
-        common.append_jsonl(run_dir / "alphas.jsonl", {
-            "epoch": epoch, "softmax": weights, "beta_softmax": betas,
-            "alpha": {"normal": model.alphas_normal.tolist(), "reduce": model.alphas_reduce.tolist()},
-            "beta": {"normal": model.betas_normal.tolist(), "reduce": model.betas_reduce.tolist()}})
+        common.append_jsonl(run_dir / "alphas.jsonl", {"epoch": epoch, "softmax": weights, "beta_softmax": betas,
+                                                       "alpha": raw_alpha, "beta": raw_beta})
         common.write_json(run_dir / "genotype.json", common.genotype_to_dict(genotype))
         log.info("search epoch %d lr %.5f %s train_acc %.2f val_acc %.2f peak memory %.0f MB %.1fs", epoch, lr,
-                 "arch+weights" if row["arch_step"] else "warm-up (weights only)", train_acc, val_acc, memory,
+                 "arch+weights" if row["arch_step"] else "warm-up (weights only)", row["train_acc"], val_acc, memory,
                  row["seconds"])
         log.info("genotype %s", genotype)
         # TRY NOT TO MODIFY: checkpoint with everything needed to resume, alphas and betas included
         common.save_checkpoint(run_dir / "checkpoint_search.pt", {
             **common.make_checkpoint("pc_darts", epoch, args, generator, model=model, w_optimizer=w_optimizer,
                                      a_optimizer=a_optimizer, scheduler=scheduler),
-            "alphas": {"normal": model.alphas_normal.detach().cpu(), "reduce": model.alphas_reduce.detach().cpu()},
-            "betas": {"normal": model.betas_normal.detach().cpu(), "reduce": model.betas_reduce.detach().cpu()},
+            "alphas": {c: torch.tensor(a) for c, a in raw_alpha.items()},
+            "betas": {c: torch.tensor(b) for c, b in raw_beta.items()},
             "genotype": common.genotype_to_dict(genotype)})
     genotype = model.genotype()  # also when a resumed run had nothing left to search
-    common.plot_alphas(alpha_history[-1], run_dir / "alphas.png")
-    common.plot_alpha_evolution(alpha_history, run_dir / "alpha_evolution.png")
-    plot_beta_evolution(beta_history, run_dir / "beta_evolution.png")
+    if n_proc > 1:  # the test of the data-parallel search compares these lines across ranks
+        flat = torch.cat([a.detach().cpu().flatten() for a in model.arch_parameters()])
+        print(f"rank {rank}: arch parameters sha256 {hashlib.sha256(flat.numpy().tobytes()).hexdigest()}", flush=True)
+    if rank != 0:
+        return genotype, None
+    primitives = common.NB201_PRIMITIVES if nb201 else PRIMITIVES
+    common.plot_alphas(alpha_history[-1], run_dir / "alphas.png", primitives=primitives)
+    common.plot_alpha_evolution(alpha_history, run_dir / "alpha_evolution.png", primitives=primitives)
+    if not nb201:  # the NB-201 betas are in alphas.jsonl; the figure's edge labels are the DARTS cell's
+        plot_beta_evolution(beta_history, run_dir / "beta_evolution.png")
+    if nb201 and "nb201" in history[-1]:
+        common.plot_nb201_history(history, run_dir / "nb201.png")
     common.plot_curves(history, ["train_acc", "val_acc"], run_dir / "search_curves.png", "PC-DARTS search")
     summary = {"epochs": len(history), "val_acc": history[-1]["val_acc"], "train_acc": history[-1]["train_acc"],
                "seconds": sum(r["seconds"] for r in history),
@@ -421,13 +694,21 @@ def search(args, device, run_dir, log):
 def main(args):
     args, device = common.prepare(args, __file__)  # --resume's flags, the device, every flag's range
     genotype = common.parse_genotype(args.genotype) if args.genotype else None  # fail before any work
+    if genotype is None and args.space == "darts" and args.layers < 3:
+        raise UsageError(f"--layers must be >=3, got {args.layers} (the DARTS supernet needs a normal cell)")
     if genotype is None and args.init_channels % args.k:
         raise UsageError(f"--init-channels {args.init_channels} must be a multiple of --k {args.k} (the ops get "
                          "C/K channels and the channel shuffle needs K equal groups)")
     if genotype is None and args.warmup_epochs >= args.epochs:
         raise UsageError(f"--warmup-epochs {args.warmup_epochs} leaves no architecture step in --epochs "
                          f"{args.epochs}: the cell would be read off the random initial alpha")
-    return common.run(args, __file__, "pc_darts", device, genotype, search)
+    if genotype is None and args.space == "nb201" and args.dataset == "imagenet":
+        raise UsageError("--space nb201 searches the benchmark's CIFAR-size network; the ImageNet search "
+                         "(--dataset imagenet) is in the DARTS space")
+    n_proc = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun
+    if genotype is None and args.batch_size % n_proc:
+        raise UsageError(f"--batch-size {args.batch_size} does not split over {n_proc} processes")
+    return common.run(args, __file__, "pc_darts", device, genotype, search, distributed_search=True)
 
 
 if __name__ == "__main__":

@@ -71,9 +71,9 @@ ROOT = Path(__file__).resolve().parent
 # Methods, their search spaces and the random-cell samplers
 # =====================================================================================
 # method file -> the search space its cells come from (the key of SAMPLERS). A new method file joins with one
-# entry here (ProxylessNAS: "proxylessnas": "proxylessnas", with sample_proxylessnas in SAMPLERS below).
+# entry here, with its sampler in SAMPLERS below.
 METHODS = {"darts": "darts", "pc_darts": "darts", "p_darts": "darts", "gdas": "darts", "daas": "darts",
-           "idarts": "darts", "vim_nas": "darts", "snas": "edge_all", "enas": "enas"}
+           "idarts": "darts", "vim_nas": "darts", "snas": "edge_all", "enas": "enas", "proxylessnas": "proxylessnas"}
 
 
 def sample_darts(rng, args):
@@ -115,9 +115,20 @@ def sample_enas(rng, args):
 
 # NAS-Bench-201 ("nb201") goes here: a cell is an arch string "|op~0|+|op~0|op~1|+|op~0|op~1|op~2|", each of
 # its 6 edges one of the benchmark's 5 ops, uniformly; add sample_nb201(rng, args) returning what the method
-# files' --genotype will read once common.py has the NB-201 ops. ProxylessNAS ("proxylessnas"): one op per
-# searchable layer from that file's candidate list, uniformly.
-SAMPLERS = {"darts": sample_darts, "edge_all": sample_edge_all, "enas": sample_enas}
+# files' --genotype will read once common.py has the NB-201 ops.
+
+
+def sample_proxylessnas(rng, args):
+    """ProxylessNAS's space on the run's backbone (--init-channels, --layers): each searchable layer one of its
+    candidates uniformly, 'zero' included where the layer allows it (proxylessnas.py layer_plan)."""
+    import proxylessnas  # only for its space
+
+    space = proxylessnas.search_space(args)
+    return {**space, "ops": [rng.choice(c) for c in proxylessnas.choices(proxylessnas.layer_plan(space))]}
+
+
+SAMPLERS = {"darts": sample_darts, "edge_all": sample_edge_all, "enas": sample_enas,
+            "proxylessnas": sample_proxylessnas}
 # sampler(rng, method_args) -> the JSON object of a genotype.json that METHOD.py --genotype reads
 
 PUBLISHED = {  # CIFAR-10 test error (%) as published: (label, mean, std or None, source); drawn on results.png

@@ -9,6 +9,7 @@ Reproduce the paper (the README's single-GPU search command, then its retraining
     python snas.py --seed 6                         # ... and its seed (our default 2 is train_search.py's)
     python snas.py --resource-lambda 0              # SNAS without the resource constraint
     python snas.py --genotype SNAS_mild_edge_all    # retrain a published cell only (also _moderate, _aggressive)
+    python snas.py --space nb201                    # NAS-Bench-201 cell, then the benchmark's 200-epoch training
 
 Equations implemented (numbers of arXiv v3 as reconstructed, see Deviation 1; the same in notebooks/snas.ipynb):
     Eq. (1)-(2)  x_j = sum_{i<j} Z_ij^T O_ij(x_i), Z_ij one-hot (relaxed: Eq. (4))   -> MixedOp, SearchCell
@@ -78,6 +79,21 @@ Deviations from the paper (each is what the official code does, unless marked "o
        auxiliary tower during search, the random-sampling / alternating-update ablations, the resource scheduler.
    13. ours: search_history.jsonl logs each epoch's cell after that epoch; train_search.py logs genotype_edge_all
        before each epoch trains (line 336) and once after the last (line 373), the cell retrained here too.
+   14. --space nb201 (ours: SNAS has no NAS-Bench-201 code, and the benchmark paper, arXiv:2001.00326, benchmarks
+       ten methods without SNAS; AutoDL-Projects has no SNAS config). So SNAS's own search defaults are kept
+       (all the flags above: epochs, lr, temperature, arch SGD, drop-path, resource constraint, no train/val
+       split) and only the network is the benchmark's: C=16, N=5 (scripts-search/NAS-Bench-201-algos/GDAS.sh
+       lines 20-21, the same in DARTS-V1.sh), its stem, residual blocks and head (common.nb201_layout), the 5
+       benchmark ops with affine-free BN (its avg_pool_3x3 has no BN after it, SNAS's pools do), ONE (6, 5)
+       log alpha and one sample Z for all 3N cells (there is no reduction cell: --resource-ratio has no
+       effect). The resource constraint applies cleanly: each NB-201 op is an op type SNAS's operations.py
+       counts (Zero, Identity, AvgPool, ReLUConvBN; nb201_op_costs), every edge at stride 1 on its cell's
+       C x H x H input, averaged over the 3N cells. SNAS's child rule (argmax per edge, 'none' included) is the
+       benchmark's, so the derived cell is common.nb201_derive's arch string; it is retrained with the
+       benchmark's 200-epoch recipe (common.NB201_RETRAIN_ARGS).
+   15. --dataset imagenet retrains with SNAS/train_imagenet.py's values (Args.IMAGENET) in common.NetworkImageNet,
+       which lacks the affine BN after the pools of SNAS's model.py (Deviation 10; tests/test_imagenet.py);
+       its lr steps at the end of each epoch (train_imagenet.py line 190 steps first, as Deviation 5).
    Plus the deviations shared by every method file, listed in common.py's docstring (C1-C5).
 
 Runs: --resume RUN_DIR continues a killed run; under torchrun only retraining is distributed (README.md).
@@ -113,8 +129,8 @@ class Args(common.BaseArgs):
     weight_decay: float = arg(3e-4, "train_search.py --weight_decay 3e-4", check=">=0")
     init_channels: int = arg(16, "README --init_channels 16", check=">=1")
     layers: int = arg(8, "README --layer 8 (cells in the supernet); at least 3, or there is no normal cell "
-                      "(reductions sit at layers//3 and 2*layers//3) and log_alpha_normal gets no gradient",
-                      check=">=3")
+                      "(reductions sit at layers//3 and 2*layers//3) and log_alpha_normal gets no gradient; "
+                      "--space nb201: N, search cells per stage (3N in all)", check=">=1")
     grad_clip: float = arg(5.0, "train_search.py --grad_clip 5 (weights); 0 = no clipping", check=">=0")
     arch_optimizer: str = arg("sgd", "sgd (single-GPU train_search.py: plain SGD on log alpha) | adam (its "
                               "distributed launch: Adam, betas (0.5, 0.999))", check=("sgd", "adam"))
@@ -138,6 +154,23 @@ class Args(common.BaseArgs):
                                check=("reparametrization", "discrete", "policy_gradient"))
     log_penalty: bool = arg(True, "README --log_penalty: mean of the logs of the 3 costs per edge")
     resource_ratio: float = arg(1.0, "train_search.py --ratio 1: weight of the reduction cells' cost", check=">=0")
+    space: str = arg("darts", "darts | nb201: the NAS-Bench-201 cell (4 nodes, 6 edges, 5 ops) in the benchmark's "
+                     "macro network; the benchmark has no SNAS protocol: SNAS's own defaults stay, C and N follow "
+                     "scripts-search/NAS-Bench-201-algos/*.sh channel 16, num_cells 5 (Deviation 14; see "
+                     "[--space nb201: ...])", check=("darts", "nb201"))
+    nb201_benchmark: str = arg("", common.NB201_BENCHMARK_HELP)
+
+    # --space nb201 (Deviation 14): the macro network of D-X-Y/AutoDL-Projects @ f46486e
+    # scripts-search/NAS-Bench-201-algos/GDAS.sh lines 20-21 (channel=16, num_cells=5; the same in DARTS-V1.sh);
+    # the batch (64) is SNAS's and the benchmark's (configs/nas-benchmark/algos/DARTS.config line 12) alike.
+    NB201 = {"init_channels": 16, "layers": 5}
+
+    # --dataset imagenet: SNAS-Series SNAS/train_imagenet.py @ 9a43adb, whose values equal DARTS's recipe
+    # (common.IMAGENET_RETRAIN_ARGS: 250 epochs, batch 128, lr 0.1, momentum 0.9, wd 3e-5, StepLR(1, 0.97),
+    # label smoothing 0.1, clip 5, 14 cells, drop path 0; lines 30-49, 177) except --init_channels 50 (line 38)
+    # and --auxiliary, off by default (line 40; the README has no ImageNet command to turn it on); the head has
+    # its 768-channel BN when turned on (model.py lines 93-98).
+    IMAGENET = {"retrain_init_channels": 50, "auxiliary": False, "aux_batchnorm": True}
 
 
 # =====================================================================================
@@ -185,6 +218,7 @@ class SearchCell(nn.Module):
     def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev):
         super().__init__()
         self.reduction, self.steps, self.multiplier, self.C = reduction, steps, multiplier, C
+        self.kind = "reduce" if reduction else "normal"  # which log alpha it samples from
         self.preprocess0, self.preprocess1 = common.cell_preprocess(C_prev_prev, C_prev, C, reduction_prev,
                                                                     affine=False)
         # edge order: node 0 <- states 0,1; node 1 <- 0,1,2; ... (2+3+4+5 = 14 edges for 4 steps)
@@ -282,11 +316,14 @@ class Network(nn.Module):
             weights = self.fixed_weights if self.fixed_weights is not None else self.sample_weights()
         s0 = s1 = self.stem(x)
         for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, weights["reduce" if cell.reduction else "normal"], self.drop_path_prob)
+            s0, s1 = s1, cell(s0, s1, weights[cell.kind], self.drop_path_prob)
         return self.classifier(F.adaptive_avg_pool2d(s1, 1).flatten(1)), weights
 
     def arch_parameters(self):
         return [self.log_alpha_normal, self.log_alpha_reduce]
+
+    def log_alphas(self):
+        return {"normal": self.log_alpha_normal, "reduce": self.log_alpha_reduce}
 
     def weight_parameters(self):
         return [p for n, p in self.named_parameters() if not n.startswith("log_alpha_")]
@@ -299,6 +336,111 @@ class Network(nn.Module):
         return derive_genotype(p["normal"], p["reduce"])
 
 
+class NB201MixedOp(nn.Module):
+    """The 5 NAS-Bench-201 ops of one edge (common.NB201_OPS: affine-free BN with running statistics, as SNAS's
+    search ops; the benchmark's avg_pool_3x3 has no BN after it)."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.ops = nn.ModuleList(common.NB201_OPS[name](C, C, 1, False, True) for name in common.NB201_PRIMITIVES)
+
+    def forward(self, x, weights):  # weights: (5,) = Z_ij
+        # ALGO LOGIC: Eq. (2): O~_ij(x) = sum_k Z^k O^k(x)
+        return sum(w * op(x) for w, op in zip(weights, self.ops))
+
+
+class NB201SearchCell(nn.Module):
+    """A NAS-Bench-201 search cell: node i = sum_{j<i} O~_(i,j)(node j) over common.NB201_EDGES, drop-path on
+    every edge output during search (Deviation 7)."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.C, self.kind, self.input_size = C, "cell", None
+        self.edges = nn.ModuleList(NB201MixedOp(C) for _ in common.NB201_EDGES)
+        self._costs = (None, None)
+
+    def forward(self, x, weights, drop_prob=0.0):  # x: (B, C, H, W), weights: (6, 5)
+        self.input_size = x.shape[-1]
+        nodes = [x]
+        for i in range(1, common.NB201_NODES):
+            node = 0
+            for e, (to, j) in enumerate(common.NB201_EDGES):
+                if to == i:
+                    out = self.edges[e](nodes[j], weights[e])
+                    if self.training and drop_prob > 0:
+                        out = common.drop_path(out, drop_prob)
+                    # ALGO LOGIC: Eq. (1): x_i = sum_{j<i} O~_ij(x_j)
+                    node = node + out
+            nodes.append(node)
+        return nodes[-1]  # (B, C, H, W)
+
+    def costs(self, like):
+        """(6, 5, 3) costs C(O_ij) of Eq. (9): every edge sees a C x H x H input at stride 1 (nb201_op_costs)."""
+        key = (self.input_size, like.device, like.dtype)
+        if self._costs[0] != key:
+            rows = [nb201_op_costs(self.C, self.input_size)] * len(common.NB201_EDGES)
+            self._costs = (key, torch.tensor(rows, dtype=like.dtype, device=like.device))
+        return self._costs[1]
+
+
+def nb201_op_costs(C, H):
+    """(size, FLOPs, MAC) of the NB-201 ops on a C-channel H x H input at stride 1 by SNAS's operations.py
+    formulas for the same op types: Zero 0; Identity MAC 2 C H^2 (lines 175-187); AvgPool FLOPs 9 H^2 C, MAC
+    2 H^2 C (lines 24-48); ReLUConvBN(C, C, k) size C^2 k^2, FLOPs size H^2, MAC H^2 (C + C) + size (78-105)."""
+    conv = lambda k: (C * C * k * k, C * C * k * k * H * H, H * H * 2 * C + C * C * k * k)
+    costs = {"none": (0, 0, 0), "skip_connect": (0, 0, 2 * C * H * H), "nor_conv_1x1": conv(1),
+             "nor_conv_3x3": conv(3), "avg_pool_3x3": (0, 9 * H * H * C, 2 * H * H * C)}
+    return [costs[name] for name in common.NB201_PRIMITIVES]
+
+
+class NB201Network(nn.Module):
+    """SNAS in the NAS-Bench-201 space: the benchmark's macro network (common.nb201_layout: stem, N search cells
+    at C, 2C, 4C, residual blocks between the stages, BN-ReLU, pool, linear), ONE (6, 5) log alpha and one
+    Gumbel-softmax sample Z per forward for all cells. The same interface as Network, with the one kind "cell"."""
+
+    def __init__(self, C, num_classes, N, loc_mean=1.0, loc_std=0.01, temperature=1.0, drop_path_prob=0.0):
+        super().__init__()
+        self.temperature, self.drop_path_prob, self.fixed_weights = temperature, drop_path_prob, None
+        self.stem = common.nb201_stem(C)
+        self.cells = nn.ModuleList(NB201SearchCell(c_in) if kind == "cell" else common.NB201ResNetBlock(c_in, c_out)
+                                   for kind, c_in, c_out in common.nb201_layout(C, N))
+        self.lastact = common.nb201_lastact(4 * C)
+        self.classifier = nn.Linear(4 * C, num_classes)
+        # Deviation 2: log alpha ~ N(loc_mean, loc_std)
+        self.log_alpha_cell = nn.Parameter(loc_mean + loc_std * torch.randn(len(common.NB201_EDGES),
+                                                                            len(common.NB201_PRIMITIVES)))
+
+    def sample_weights(self):
+        return {"cell": gumbel_softmax_sample(self.log_alpha_cell, self.temperature)}
+
+    def argmax_weights(self):  # the child network: one-hot argmax of every edge, 'none' included
+        return {"cell": F.one_hot(self.log_alpha_cell.detach().argmax(-1), len(common.NB201_PRIMITIVES))
+                .to(self.log_alpha_cell.dtype)}
+
+    def forward(self, x, weights=None):  # x: (B, 3, H, W)
+        if weights is None:
+            weights = self.fixed_weights if self.fixed_weights is not None else self.sample_weights()
+        h = self.stem(x)
+        for cell in self.cells:
+            h = cell(h, weights["cell"], self.drop_path_prob) if isinstance(cell, NB201SearchCell) else cell(h)
+        return self.classifier(F.adaptive_avg_pool2d(self.lastact(h), 1).flatten(1)), weights  # (B, classes)
+
+    def arch_parameters(self):
+        return [self.log_alpha_cell]
+
+    def log_alphas(self):
+        return {"cell": self.log_alpha_cell}
+
+    def weight_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("log_alpha_")]
+
+    def probabilities(self):
+        return {"cell": F.softmax(self.log_alpha_cell, -1)}
+
+    def genotype_edge_all(self):  # SNAS's child rule = the benchmark's: argmax per edge, 'none' allowed
+        return common.nb201_derive(self.probabilities()["cell"].detach().cpu())
+
+
 def resource_penalty(model, weights, method="reparametrization", log_penalty=True, ratio=1.0):
     """Eq. (8)-(9): C(Z) = sum_ij C(Z_ij), C(Z_ij) = Z_ij^T C(O_ij) for each of the 3 costs of op_costs, per edge
     either (log max(C_size,1) + log max(C_flops,1) + log max(C_mac,1)) / 3 (log_penalty) or
@@ -306,11 +448,12 @@ def resource_penalty(model, weights, method="reparametrization", log_penalty=Tru
     of each kind, reduction cells weighted by `ratio`. Z is the sample used in the forward pass
     (reparametrization), softmax(log alpha) (discrete), or the sample as a fixed action whose cost is the
     reward of a score-function estimator (policy_gradient; the value is then a surrogate, not the cost)."""
-    alphas = {"normal": model.log_alpha_normal, "reduce": model.log_alpha_reduce}
-    counts = {k: max(1, sum((c.reduction) == (k == "reduce") for c in model.cells)) for k in alphas}
+    alphas = model.log_alphas()  # {"normal", "reduce"}, or {"cell"} in the NAS-Bench-201 space
+    cells = [c for c in model.cells if hasattr(c, "costs")]  # search cells (not NB-201's residual blocks)
+    counts = {k: max(1, sum(c.kind == k for c in cells)) for k in alphas}
     total = 0.0
-    for cell in model.cells:
-        kind = "reduce" if cell.reduction else "normal"
+    for cell in cells:
+        kind = cell.kind
         cost = cell.costs(alphas[kind])  # (E, n_ops, 3)
         z = F.softmax(alphas[kind], -1) if method == "discrete" else weights[kind]
         z = z.detach() if method == "policy_gradient" else z
@@ -323,7 +466,7 @@ def resource_penalty(model, weights, method="reparametrization", log_penalty=Tru
             log_z = z.clamp_min(torch.finfo(z.dtype).tiny).log()
             # ALGO LOGIC: score function: grad E[C] = E[C(Z) grad log p_alpha(Z)], C(Z) held constant
             per_edge = concrete_log_prob(alphas[kind], log_z, model.temperature) * per_edge.detach()
-        total = total + per_edge.sum() / counts[kind] * (ratio if cell.reduction else 1.0)
+        total = total + per_edge.sum() / counts[kind] * (ratio if kind == "reduce" else 1.0)
     return total
 
 
@@ -486,22 +629,20 @@ def parse_genotype(text):
 # Search loop
 # =====================================================================================
 def search_epoch(model, train_data, w_optimizer, a_optimizer, device, args, log, epoch):
-    """One epoch of Eq. (3): per training batch one train_step (weights and log alpha together)."""
+    """One epoch of Eq. (3): per training batch one train_step (weights and log alpha together). Returns
+    common.Progress's summary (train loss and accuracy, seconds per step, peak GPU memory) and the mean penalty."""
     model.train()
     steps = min(len(train_data), args.steps_per_epoch or len(train_data))
-    loss_sum, acc_sum, pen_sum, n, t0 = 0.0, 0.0, 0.0, 0, time.time()
+    progress = common.Progress(log, "search", epoch, steps, args.report_freq, device)
+    pen_sum = 0.0
     for step, (x, y) in enumerate(train_data):
         if step >= steps:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss, logits, penalty = train_step(model, x, y, w_optimizer, a_optimizer, args)
-        loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + common.accuracy(logits, y), n + 1
         pen_sum += penalty
-        if (step + 1) % args.report_freq == 0 or step + 1 == steps:
-            log.info("search epoch %d step %d/%d loss %.4f acc %.2f penalty %.3f (%.3f s/step)", epoch, step + 1,
-                     steps, loss_sum / n, acc_sum / n, pen_sum / n, (time.time() - t0) / n)
-    n = max(n, 1)
-    return loss_sum / n, acc_sum / n, pen_sum / n, (time.time() - t0) / n
+        progress.update(loss.item(), common.accuracy(logits, y))
+    return {**progress.summary(), "resource_penalty": pen_sum / max(len(progress.step_seconds), 1)}
 
 
 def evaluate_child(model, data, device, amp=False, max_steps=0):
@@ -522,8 +663,11 @@ def search(args, device, run_dir, log):
     # Deviation 6: no train/val split; the test split only monitors
     train_data = common.loader(train_set, args.batch_size, True, generator, args.workers)
     val_data = common.loader(test_set, args.batch_size, False, generator, args.workers)
-    model = Network(args.init_channels, num_classes, args.layers, loc_mean=args.loc_mean, loc_std=args.loc_std,
-                    drop_path_prob=args.search_drop_path_prob).to(device)
+    nb201 = args.space == "nb201"
+    net = NB201Network if nb201 else Network
+    model = net(args.init_channels, num_classes, args.layers, loc_mean=args.loc_mean, loc_std=args.loc_std,
+                drop_path_prob=args.search_drop_path_prob).to(device)
+    model = common.speed_up(model, args)  # --channels-last, --compile
     log.info("supernet: %.3f M weights, log alphas %s", sum(p.numel() for p in model.weight_parameters()) / 1e6,
              [tuple(a.shape) for a in model.arch_parameters()])
     w_optimizer = torch.optim.SGD(model.weight_parameters(), args.lr, momentum=args.momentum,
@@ -546,42 +690,43 @@ def search(args, device, run_dir, log):
         lr = w_optimizer.param_groups[0]["lr"]
         # ALGO LOGIC: Deviation 4: linear annealing of the Gumbel-softmax temperature, once per epoch
         model.temperature = temperature(epoch, args.epochs, args.tau_max, args.tau_min)
-        train_loss, train_acc, penalty, s_per_step = search_epoch(model, train_data, w_optimizer, a_optimizer,
-                                                                  device, args, log, epoch)
+        train = search_epoch(model, train_data, w_optimizer, a_optimizer, device, args, log, epoch)
         val_loss, val_acc = common.evaluate(model, val_data, device, args.amp, args.steps_per_epoch)
         child_loss, child_acc = evaluate_child(model, val_data, device, args.amp, args.steps_per_epoch)
         scheduler.step()
         edge_all = model.genotype_edge_all()
-        genotype = edge_all_to_cell(edge_all)
+        genotype = edge_all if nb201 else edge_all_to_cell(edge_all)  # NB-201: the arch string
         weights = {k: w.tolist() for k, w in model.probabilities().items()}
         alpha_history.append(weights)
-        row = {"epoch": epoch, "lr": lr, "temperature": model.temperature, "train_loss": train_loss,
-               "train_acc": train_acc, "resource_penalty": penalty, "val_loss": val_loss, "val_acc": val_acc,
-               "child_val_loss": child_loss, "child_val_acc": child_acc, "seconds": time.time() - t0,
-               "seconds_per_step": s_per_step, "genotype": common.genotype_to_dict(genotype),
-               "genotype_edge_all": common.genotype_to_dict(edge_all)}
+        row = {"epoch": epoch, "lr": lr, "temperature": model.temperature, **train, "val_loss": val_loss,
+               "val_acc": val_acc, "child_val_loss": child_loss, "child_val_acc": child_acc,
+               "seconds": time.time() - t0, "genotype": common.genotype_to_dict(genotype),
+               "genotype_edge_all": common.genotype_to_dict(edge_all),
+               **(common.nb201_epoch_row(args, genotype, log) if nb201 else {})}
         history.append(row)
         common.append_jsonl(run_dir / "search_history.jsonl", row)
         common.append_jsonl(run_dir / "alphas.jsonl", {"epoch": epoch, "temperature": model.temperature,
                                                        "softmax": weights,
-                                                       "log_alpha": {"normal": model.log_alpha_normal.tolist(),
-                                                                     "reduce": model.log_alpha_reduce.tolist()}})
+                                                       "log_alpha": {k: a.tolist() for k, a in
+                                                                     model.log_alphas().items()}})
         common.write_json(run_dir / "genotype.json", common.genotype_to_dict(genotype))
         log.info("search epoch %d lr %.5f temperature %.4f train_acc %.2f val_acc %.2f (child %.2f) %.1fs", epoch,
-                 lr, model.temperature, train_acc, val_acc, child_acc, row["seconds"])
+                 lr, model.temperature, row["train_acc"], val_acc, child_acc, row["seconds"])
         log.info("genotype_edge_all %s", edge_all)
         # TRY NOT TO MODIFY: checkpoint with everything needed to resume, log alphas included
         common.save_checkpoint(run_dir / "checkpoint_search.pt", {
             **common.make_checkpoint("snas", epoch, args, generator, model=model, w_optimizer=w_optimizer,
                                      a_optimizer=a_optimizer, scheduler=scheduler),
-            "log_alphas": {"normal": model.log_alpha_normal.detach().cpu(),
-                           "reduce": model.log_alpha_reduce.detach().cpu()},
+            "log_alphas": {k: a.detach().cpu() for k, a in model.log_alphas().items()},
             "temperature": model.temperature, "genotype": common.genotype_to_dict(genotype),
             "genotype_edge_all": common.genotype_to_dict(edge_all)})
     edge_all = model.genotype_edge_all()  # also when a resumed run had nothing left to search
-    genotype = edge_all_to_cell(edge_all)
-    common.plot_alphas(alpha_history[-1], run_dir / "alphas.png", title="softmax(log alpha)")
-    common.plot_alpha_evolution(alpha_history, run_dir / "alpha_evolution.png")
+    genotype = edge_all if nb201 else edge_all_to_cell(edge_all)
+    primitives = common.NB201_PRIMITIVES if nb201 else PRIMITIVES
+    common.plot_alphas(alpha_history[-1], run_dir / "alphas.png", primitives=primitives, title="softmax(log alpha)")
+    common.plot_alpha_evolution(alpha_history, run_dir / "alpha_evolution.png", primitives=primitives)
+    if nb201 and args.nb201_benchmark:
+        common.plot_nb201_history(history, run_dir / "nb201.png")
     common.plot_curves(history, ["train_acc", "val_acc", "child_val_acc"], run_dir / "search_curves.png",
                        "SNAS search (val = test split, sampled Z; child = argmax)")
     common.plot_curves(history, ["temperature"], run_dir / "temperature.png", "Gumbel-softmax temperature",
@@ -607,6 +752,9 @@ def main(args):
     for name in ("loc_mean", "loc_std"):
         if not math.isfinite(getattr(args, name)):
             raise UsageError(f"{common.flag(name)} must be a finite number, got {getattr(args, name)}")
+    if args.space == "darts" and args.layers < 3:
+        raise UsageError(f"--layers must be >=3, got {args.layers} (the DARTS space needs a normal cell; N of "
+                         "--space nb201 may be smaller)")
     genotype = parse_genotype(args.genotype) if args.genotype else None  # fail before any work
     return common.run(args, __file__, "snas", device, genotype, search)
 

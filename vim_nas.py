@@ -14,6 +14,8 @@ leave open is ours and listed below. The search space, supernet and retraining a
 Reproduce the paper (search one epoch, derive the cell, retrain 600 epochs, test on CIFAR-10):
     python vim_nas.py
     python vim_nas.py --epochs 10       # watch the alphas settle (alpha_evolution.png, anytime_weights.png)
+    python vim_nas.py --space nb201     # NAS-Bench-201 cell, DARTS's NB-201 protocol (Deviation 13)
+    python vim_nas.py --space nb201 --nb201-benchmark NAS-Bench-201-v1_1-096897.pth  # + benchmark lookup per epoch
 
 Equations implemented. The paper's own equation numbers were not readable here, so V1-V5 are ours,
 used identically in notebooks/vim_nas.ipynb:
@@ -28,6 +30,8 @@ used identically in notebooks/vim_nas.ipynb:
     DARTS Eq. (1)-(2) mixed op o_bar(x) = sum_o softmax(A)_o o(x)      -> MixedOp, SearchCell
     Algorithm 1, line 7: final cell from the learned phi: DARTS rule on softmax(phi(eps)) -> derive_genotype
     ours: how many epochs the architecture takes to settle (any alphas.jsonl, darts.py's too) -> settling
+    --space nb201: one generator phi maps its eps to the (6 edges, 5 ops) A of the NAS-Bench-201 cell, shared
+             by every cell; derived cell = argmax op per edge of phi(eps), 'none' allowed -> NB201Supernet
 
 Deviations from the paper (everything not in the paper text we could read is ours):
     1. ours: the generator input eps of Algorithm 1 is one tensor of shape (1, 3, 14, |O|) drawn from
@@ -65,6 +69,21 @@ Deviations from the paper (everything not in the paper text we could read is our
    12. ours: alpha_steps.jsonl records softmax(phi(eps)) every --report-freq steps for the
        "anytime architectural weights" figure (anytime_weights.png, the paper's Fig. 2);
        `settling` measures in epochs how fast the derived cell stops changing (notebook sec. 6).
+   13. --space nb201: the paper reports NAS-Bench-201 results, but its NB-201 settings were not readable and
+       there is no official code, so the protocol is DARTS's on the benchmark (D-X-Y/AutoDL-Projects @ f46486e,
+       configs/nas-benchmark/algos/DARTS.config lines 2-12, scripts-search/NAS-Bench-201-algos/DARTS-V1.sh
+       lines 20-21): SGD lr 0.025 Nesterov momentum 0.9, cosine to 0.001, weight decay 5e-4, batch 64, C 16,
+       N 5, the 25K/25K halves; search ops affine=False BN with running statistics (search_cells.py line 14,
+       the default; DARTS-V1.sh takes it as its BN argument). ours: VIM-NAS's own settings stay, not DARTS's:
+       1 search epoch (DARTS.config: 50; pass --epochs 50 for DARTS's length), phi's Adam lr 0.025
+       (DARTS-V1.sh line 42: 3e-4), xi ~ N(0, 1); one generator phi for the single cell type (Deviation 2
+       has one per cell type), its eps (1, 3, 6, 5). The derived cell is the argmax op per edge of
+       softmax(phi(eps)), 'none' allowed (common.nb201_derive, as search_model_darts.py genotype()); it is
+       retrained with the benchmark's 200-epoch recipe (common.NB201_RETRAIN_ARGS) or looked up with
+       --nb201-benchmark. `settling` is not computed in this space (it reads DARTS cells).
+   14. No ImageNet retraining recipe of VIM-NAS was readable: --dataset imagenet uses DARTS's train_imagenet.py
+       recipe (common.IMAGENET_RETRAIN_ARGS); Args has no IMAGENET of its own. --channels-last and --compile
+       apply to the supernet (common.speed_up), as in darts.py.
     Plus the deviations shared by every method file, listed in common.py's docstring (C1-C5).
 
 Runs: --resume RUN_DIR continues a killed run (README.md, "Resume a killed run").
@@ -79,7 +98,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from common import OPS, PRIMITIVES, Genotype, arg
+from common import NB201_EDGES, NB201_PRIMITIVES, OPS, PRIMITIVES, Genotype, UsageError, arg
 
 
 # =====================================================================================
@@ -94,11 +113,13 @@ class Args(common.BaseArgs):
     lr: float = arg(0.025, "ours: DARTS --learning_rate 0.025 (weights, SGD)", check=">0")
     lr_min: float = arg(0.001, "ours: DARTS --learning_rate_min 0.001 (cosine floor)", check=">=0")
     momentum: float = arg(0.9, "ours: DARTS --momentum 0.9", check="[0,1)")
+    nesterov: bool = arg(False, "Nesterov momentum for the weights (DARTS train_search.py: off; the NAS-Bench-201 "
+                         "DARTS.config line 10: on)")
     weight_decay: float = arg(3e-4, "ours: DARTS --weight_decay 3e-4", check=">=0")
     init_channels: int = arg(16, "ours: DARTS --init_channels 16", check=">=1")
     layers: int = arg(8, "ours: DARTS --layers 8 (cells in the supernet; at least 3: reduction cells sit at "
                       "layers//3 and 2*layers//3, so fewer cells have no normal cell and its generator gets no "
-                      "gradient)", check=">=3")
+                      "gradient; --space nb201: N, cells per stage, at least 1)", check=">=1")
     grad_clip: float = arg(5.0, "ours: DARTS --grad_clip 5 (weights only); 0 = no clipping", check=">=0")
     train_portion: float = arg(0.5, "ours: DARTS --train_portion 0.5 (weights / phi split, Deviation 6)",
                                check="(0,1)")
@@ -110,6 +131,15 @@ class Args(common.BaseArgs):
     noise_channels: int = arg(3, "paper (via a summary): ConvReLUBN(3, 14, 3), the channels of eps", check=">=1")
     gen_channels: int = arg(14, "paper (via a summary): ConvReLUBN(3,14,3) -> ConvReLUBN(14,1,3), hidden maps",
                             check=">=1")
+    space: str = arg("darts", "darts | nb201: the NAS-Bench-201 cell (4 nodes, 6 edges, 5 ops) in the benchmark's "
+                     "macro network; defaults then follow DARTS's NB-201 protocol, AutoDL-Projects DARTS.config "
+                     "(no VIM-NAS code; Deviation 13; see [--space nb201: ...])", check=("darts", "nb201"))
+    nb201_benchmark: str = arg("", common.NB201_BENCHMARK_HELP)
+
+    # Deviation 13: D-X-Y/AutoDL-Projects configs/nas-benchmark/algos/DARTS.config lines 2-12 and
+    # scripts-search/NAS-Bench-201-algos/DARTS-V1.sh lines 20-21 (C 16, N 5); VIM-NAS's epochs and phi lr stay
+    NB201 = {"batch_size": 64, "lr": 0.025, "lr_min": 0.001, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+             "init_channels": 16, "layers": 5, "grad_clip": 5.0, "train_portion": 0.5}
 
 
 # =====================================================================================
@@ -222,15 +252,74 @@ class Network(nn.Module):
         mu = self.arch_means()
         return derive_genotype(F.softmax(mu["normal"], -1), F.softmax(mu["reduce"], -1))
 
+    def generators(self):
+        return {"normal": self.arch_normal, "reduce": self.arch_reduce}
+
+
+class NB201MixedOp(nn.Module):
+    """--space nb201: the benchmark's 5 ops on one edge (search_cells.py line 14: affine=False BN with
+    running statistics), weighted by softmax(A) as MixedOp."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.ops = nn.ModuleList(common.NB201_OPS[name](C, C, 1, False, True) for name in NB201_PRIMITIVES)
+
+    def forward(self, x, weights):  # weights: (5,) = softmax(A^(i,j))
+        return sum(w * op(x) for w, op in zip(weights, self.ops))
+
+
+class NB201Supernet(nn.Module):
+    """--space nb201, q_theta(D | A) on the benchmark: stem, common.nb201_layout(C, N) with a 6-edge search
+    cell per "cell" entry and NB201ResNetBlock between stages, BN-ReLU, pool, linear; ONE generator phi whose
+    (6, 5) A every cell shares (Deviation 13). Same interface as Network."""
+
+    def __init__(self, C, num_classes, N, noise_channels=3, gen_channels=14):
+        super().__init__()
+        self.stem = common.nb201_stem(C)
+        self.cells = nn.ModuleList(nn.ModuleList(NB201MixedOp(c) for _ in NB201_EDGES) if kind == "cell"
+                                   else common.NB201ResNetBlock(c_in, c) for kind, c_in, c in common.nb201_layout(C, N))
+        self.lastact = common.nb201_lastact(4 * C)
+        self.classifier = nn.Linear(4 * C, num_classes)
+        self.arch_cell = ArchGenerator(len(NB201_EDGES), len(NB201_PRIMITIVES), noise_channels, gen_channels)
+
+    def forward(self, x, xi=None):  # xi: {"cell": (6, 5)} or None for the mean architecture phi(eps)
+        mu = self.arch_cell()
+        # ALGO LOGIC: Eq. (V4): A = phi(eps) + xi
+        weights = F.softmax(mu + xi["cell"] if xi is not None else mu, dim=-1)  # (6, 5)
+        h = self.stem(x)
+        for cell in self.cells:
+            if isinstance(cell, nn.ModuleList):  # node i = sum_{j<i} o_bar^(i,j)(node j)
+                nodes = [h]
+                for i in range(1, common.NB201_NODES):
+                    nodes.append(sum(cell[e](nodes[j], weights[e]) for e, (to, j) in enumerate(NB201_EDGES) if to == i))
+                h = nodes[-1]
+            else:
+                h = cell(h)  # (B, 2C, H/2, W/2) after the first resblock, (B, 4C, H/4, W/4) after the second
+        return self.classifier(F.adaptive_avg_pool2d(self.lastact(h), 1).flatten(1))
+
+    def arch_means(self):
+        return {"cell": self.arch_cell()}
+
+    def arch_parameters(self):
+        return list(self.arch_cell.parameters())
+
+    def weight_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("arch_")]
+
+    def genotype(self):  # argmax op per edge of phi(eps), 'none' allowed
+        return common.nb201_derive(self.arch_cell().detach().cpu())
+
+    def generators(self):
+        return {"cell": self.arch_cell}
+
 
 # =====================================================================================
 # Architecture update rule: reparameterised samples and the variational lower bound
 # =====================================================================================
 def sample_noise(model, noise_std):
     """Algorithm 1, line 2: xi ~ N(0, noise_std^2 I), one (E, n_ops) draw per cell type (Deviation 4)."""
-    eps = model.arch_normal.eps
-    shape = eps.shape[2:]  # (E, n_ops)
-    return {cell: noise_std * torch.randn(shape, device=eps.device) for cell in ("normal", "reduce")}
+    return {cell: noise_std * torch.randn(g.eps.shape[2:], device=g.eps.device)  # (E, n_ops)
+            for cell, g in model.generators().items()}
 
 
 def phi_grad(model, x_val, y_val, xi):
@@ -314,19 +403,21 @@ def settling(alpha_rows):
             "change": change, "max_weight": max_weight, "agreement": agreement}
 
 
-def plot_anytime_weights(steps_rows, path):
+def plot_anytime_weights(steps_rows, path, primitives=PRIMITIVES):
     """softmax(phi(eps)) on the first edge of each cell type against training steps (the paper's Fig. 2)."""
     plt = common.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    cells = list(steps_rows[0]["softmax"])
+    fig, axes = plt.subplots(1, len(cells), figsize=(6 * len(cells), 4), squeeze=False)
+    axes = axes[0]
     x = [r["step"] for r in steps_rows]
-    for ax, cell in zip(axes, ("normal", "reduce")):
-        for k, name in enumerate(PRIMITIVES):
+    for ax, cell in zip(axes, cells):
+        for k, name in enumerate(primitives):
             ax.plot(x, [r["softmax"][cell][0][k] for r in steps_rows], label=name, marker="." if len(x) < 30 else None)
         for a, b in zip(steps_rows, steps_rows[1:]):
             if a["epoch"] != b["epoch"]:
                 ax.axvline(a["step"], color="0.7", lw=0.8)  # end of an epoch
         ax.set_xlabel("training step")
-        ax.set_ylabel("softmax(phi(eps)) on edge 0->2")
+        ax.set_ylabel("softmax(phi(eps)) on the first edge" + (" (0->1)" if cell == "cell" else " (0->2)"))
         ax.set_title(f"{cell} cell, first edge")
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=7, loc="best")
@@ -343,7 +434,7 @@ def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, 
     then a phi step on a val batch, both with A = phi(eps) + xi (Deviation 6)."""
     model.train()
     steps = min(len(train_data), args.steps_per_epoch or len(train_data))
-    loss_sum, acc_sum, n, t0 = 0.0, 0.0, 0, time.time()
+    progress = common.Progress(log, "search", epoch, steps, args.report_freq, device)
     for step, (x, y) in enumerate(train_data):
         if step >= steps:
             break
@@ -365,12 +456,10 @@ def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, 
         for p, g in zip(model.arch_parameters(), grads):
             p.grad = g
         a_optimizer.step()
-        loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + common.accuracy(logits, y), n + 1
+        progress.update(loss.item(), common.accuracy(logits, y))
         if (step + 1) % args.report_freq == 0 or step + 1 == steps:
-            log.info("search epoch %d step %d/%d loss %.4f acc %.2f (%.3f s/step)", epoch, step + 1, steps,
-                     loss_sum / n, acc_sum / n, (time.time() - t0) / n)
             log_arch(model, steps_path, epoch, epoch * steps + step + 1)
-    return loss_sum / max(n, 1), acc_sum / max(n, 1), (time.time() - t0) / max(n, 1)
+    return progress.summary()
 
 
 def log_arch(model, path, epoch, global_step):
@@ -395,13 +484,19 @@ def search(args, device, run_dir, log):
     train_set, num_classes, _ = common.load_dataset(args.dataset, args.data, True, args.image_size)
     train_data, val_data = common.search_loaders(train_set, args.batch_size, args.train_portion, generator,
                                                  args.workers)
-    model = Network(args.init_channels, num_classes, args.layers, noise_channels=args.noise_channels,
-                    gen_channels=args.gen_channels).to(device)
+    nb201 = args.space == "nb201"
+    if nb201:  # Deviation 13
+        model = NB201Supernet(args.init_channels, num_classes, args.layers, args.noise_channels, args.gen_channels)
+    else:
+        model = Network(args.init_channels, num_classes, args.layers, noise_channels=args.noise_channels,
+                        gen_channels=args.gen_channels)
+    model = common.speed_up(model.to(device), args)
+    primitives = NB201_PRIMITIVES if nb201 else PRIMITIVES
     log.info("supernet: %.3f M weights; generator phi: %d parameters, A maps %s",
              sum(p.numel() for p in model.weight_parameters()) / 1e6,
              sum(p.numel() for p in model.arch_parameters()), [tuple(m.shape) for m in model.arch_means().values()])
     w_optimizer = torch.optim.SGD(model.weight_parameters(), args.lr, momentum=args.momentum,
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, nesterov=args.nesterov)
     # Deviation 7: Adam on phi with DARTS architect.py's betas (0.5, 0.999) and weight decay
     a_optimizer = torch.optim.Adam(model.arch_parameters(), args.arch_lr, betas=(0.5, 0.999),
                                    weight_decay=args.arch_weight_decay)
@@ -419,8 +514,8 @@ def search(args, device, run_dir, log):
         t0 = time.time()
         lr = w_optimizer.param_groups[0]["lr"]
         val_iter = common.forever(val_data)  # one pass of the val half per epoch at the 50/50 split
-        train_loss, train_acc, s_per_step = search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer,
-                                                         device, args, log, epoch, run_dir / "alpha_steps.jsonl")
+        train = search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, args, log, epoch,
+                             run_dir / "alpha_steps.jsonl")
         val_loss, val_acc = common.evaluate(model, val_data, device, args.amp, args.steps_per_epoch)
         scheduler.step()
         genotype = model.genotype()
@@ -428,40 +523,44 @@ def search(args, device, run_dir, log):
             mu = {c: m.float() for c, m in model.arch_means().items()}  # phi(eps), each (E, n_ops)
         weights = {c: F.softmax(m, -1).tolist() for c, m in mu.items()}
         alpha_history.append(weights)
-        row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-               "val_acc": val_acc, "seconds": time.time() - t0, "seconds_per_step": s_per_step,
-               "genotype": common.genotype_to_dict(genotype)}
+        row = {"epoch": epoch, "lr": lr, **train, "val_loss": val_loss, "val_acc": val_acc, "seconds": time.time() - t0,
+               "genotype": common.genotype_to_dict(genotype),
+               **(common.nb201_epoch_row(args, genotype, log) if nb201 else {})}
         history.append(row)
         common.append_jsonl(run_dir / "search_history.jsonl", row)
         common.append_jsonl(run_dir / "alphas.jsonl", {"epoch": epoch, "softmax": weights,
                                                        "alpha": {c: m.tolist() for c, m in mu.items()}})
         common.write_json(run_dir / "genotype.json", common.genotype_to_dict(genotype))
-        log.info("search epoch %d lr %.5f train_acc %.2f val_acc %.2f %.1fs", epoch, lr, train_acc, val_acc,
+        log.info("search epoch %d lr %.5f train_acc %.2f val_acc %.2f %.1fs", epoch, lr, row["train_acc"], val_acc,
                  row["seconds"])
         log.info("genotype %s", genotype)
         # TRY NOT TO MODIFY: checkpoint with everything needed to resume, generators (phi, eps) included
         common.save_checkpoint(run_dir / "checkpoint_search.pt", {
             **common.make_checkpoint("vim_nas", epoch, args, generator, model=model, w_optimizer=w_optimizer,
                                      a_optimizer=a_optimizer, scheduler=scheduler),
-            "arch": {"normal": model.arch_normal.state_dict(), "reduce": model.arch_reduce.state_dict()},
+            "arch": {c: g.state_dict() for c, g in model.generators().items()},
             "alphas": {c: m.cpu() for c, m in mu.items()},
             "genotype": common.genotype_to_dict(genotype)})
     genotype = model.genotype()  # also when a resumed run had nothing left to search
     steps_rows = keep_steps(run_dir / "alpha_steps.jsonl", args.epochs)
-    common.plot_alphas(alpha_history[-1], run_dir / "alphas.png", title="softmax(phi(eps))")
-    common.plot_alpha_evolution(alpha_history, run_dir / "alpha_evolution.png")
-    plot_anytime_weights(steps_rows, run_dir / "anytime_weights.png")
+    common.plot_alphas(alpha_history[-1], run_dir / "alphas.png", primitives, title="softmax(phi(eps))")
+    common.plot_alpha_evolution(alpha_history, run_dir / "alpha_evolution.png", primitives)
+    plot_anytime_weights(steps_rows, run_dir / "anytime_weights.png", primitives)
     common.plot_curves(history, ["train_acc", "val_acc"], run_dir / "search_curves.png", "VIM-NAS search")
+    summary = {"epochs": len(history), "val_acc": history[-1]["val_acc"], "train_acc": history[-1]["train_acc"],
+               "seconds": sum(r["seconds"] for r in history),
+               "seconds_per_step": sum(r["seconds_per_step"] for r in history) / len(history)}
+    if nb201:  # Deviation 13: settling reads DARTS cells
+        if args.nb201_benchmark:
+            common.plot_nb201_history(history, run_dir / "nb201.png")
+        return genotype, summary
     settle = settling([{"softmax": w} for w in alpha_history])
     # share of the final cell already chosen by phi at initialisation (step 0), before any training
     settle["init_agreement"] = settling([steps_rows[0]] + [{"softmax": w} for w in alpha_history])["agreement"][0]
     log.info("settling: cell final after epoch %d of %d, %.0f %% of it chosen at initialisation, mean max softmax "
              "weight %.3f", settle["genotype_epochs"], settle["epochs"], 100 * settle["init_agreement"],
              settle["max_weight"][-1])
-    summary = {"epochs": len(history), "val_acc": history[-1]["val_acc"], "train_acc": history[-1]["train_acc"],
-               "seconds": sum(r["seconds"] for r in history),
-               "seconds_per_step": sum(r["seconds_per_step"] for r in history) / len(history),
-               "settling": settle}
+    summary["settling"] = settle
     return genotype, summary
 
 
@@ -470,6 +569,8 @@ def search(args, device, run_dir, log):
 # =====================================================================================
 def main(args):
     args, device = common.prepare(args, __file__)  # --resume's flags, the device, every flag's range
+    if args.space == "darts" and args.layers < 3:  # NB-201's N may be 1 or 2
+        raise UsageError(f"--layers must be >=3, got {args.layers} (the DARTS space; --space nb201 allows N >= 1)")
     genotype = common.parse_genotype(args.genotype) if args.genotype else None  # fail before any work
     return common.run(args, __file__, "vim_nas", device, genotype, search)
 

@@ -11,6 +11,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one thread per worker and per child process
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 # tiny supernet and retrain network on `fake` data: shapes only, seconds on CPU
 TINY = ["--device", "cpu", "--workers", "0", "--dataset", "fake", "--image-size", "16", "--epochs", "2",
         "--batch-size", "16", "--steps-per-epoch", "8", "--init-channels", "4", "--layers", "3", "--retrain-epochs", "1",
@@ -80,3 +86,23 @@ def kill_resume_and_compare(script, flags, out_dir, ref_dir, kill_in_retrain=Tru
         r["search"] = {k: v for k, v in r["search"].items() if k not in volatile}
     assert got == want
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def nb201_benchmark(tmp_path_factory):
+    """A NATS-Bench topology folder in the API's real format (meta.pickle.pbz2 + one file per arch, read with
+    fast_mode) that covers all 15625 cells, so a search's derived cells can be looked up: 16 distinct
+    records, cell k's file links to record k % 16. Returns (folder, expected), expected(arch) = the dict
+    common.nb201_lookup must give for it."""
+    nats = pytest.importorskip("nats_bench", reason="pip install nats_bench==1.8 (requirements.txt)")
+    import common
+    from test_nb201 import arch_results, expected as expected_k
+
+    folder = tmp_path_factory.mktemp("NATS-tss-test-simple")
+    meta = common.nb201_all_archs()
+    nats.pickle_save({"meta_archs": meta}, str(folder / "meta.pickle"))
+    for k in range(16):
+        nats.pickle_save({"200": arch_results(nats, k, k, meta[k], 200).state_dict()}, str(folder / f"{k:06d}.pickle"))
+    for index in range(16, len(meta)):
+        os.symlink(f"{index % 16:06d}.pickle.pbz2", folder / f"{index:06d}.pickle.pbz2")
+    return folder, lambda arch: expected_k(common.nb201_index(arch) % 16)

@@ -12,7 +12,7 @@ import pytest
 import common
 from conftest import TINY
 
-METHODS = ["darts", "pc_darts", "p_darts", "gdas", "snas", "daas", "idarts", "enas", "vim_nas"]
+METHODS = ["darts", "pc_darts", "p_darts", "gdas", "snas", "daas", "idarts", "enas", "vim_nas", "proxylessnas"]
 EDGE_ALL = ("Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('skip_connect', 0), ('dil_conv_3x3', 1), "
             "('none', 2), ('skip_connect', 0), ('skip_connect', 1), ('none', 3), ('none', 2), ('skip_connect', 0), "
             "('sep_conv_3x3', 1), ('none', 4), ('none', 3), ('none', 2)], normal_concat=[2, 3, 4, 5], "
@@ -68,12 +68,16 @@ CASES = [
 ]
 NOT_FOR = {  # cases that do not apply to a method (it has no such flag, or reads that input correctly)
     ("snas", "edge_all"),  # snas.py converts an edge_all cell explicitly
+    # proxylessnas.py: --layers counts blocks per stage (>= 1, its own test); a DARTS cell is no genotype there
+    ("proxylessnas", "--layers must be >=3, got 1"), ("proxylessnas", "--layers must be >=3, got 2"),
+    ("proxylessnas", "edge_all"),
 }
 CASES.append((["--genotype", EDGE_ALL], "edge_all"))
 VALID = {  # flags that make TINY's 2-epoch search a valid run of a method (a longer warm-up is a usage error)
     "pc_darts": ["--warmup-epochs", "1"],
     "p_darts": ["--warmup-epochs", "1"],
     "daas": ["--warmup-epochs", "1"],
+    "proxylessnas": ["--warmup-epochs", "0"],
 }
 
 

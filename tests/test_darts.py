@@ -240,3 +240,110 @@ def test_darts_plus_criterion_2_fires_on_a_stable_ranking_and_not_on_a_changing_
     assert darts.darts_plus_stop(history_from(flipped), 2, 5, 0).startswith("criterion 2")
     assert darts.darts_plus_stop(history_from(flipped), 2, 6, 0) is None
     assert darts.darts_plus_stop(history_from(stable[:10]), 2, 10, 0) is None  # too short to tell
+
+
+# ----------------------------------------------------------------------------------------
+# --space nb201 (NAS-Bench-201)
+# ----------------------------------------------------------------------------------------
+import json  # noqa: E402
+
+import common  # noqa: E402
+from conftest import read_jsonl  # noqa: E402
+
+NB201_TINY = ["--space", "nb201", "--device", "cpu", "--workers", "0", "--dataset", "fake", "--image-size", "8",
+              "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "8", "--init-channels", "4", "--layers", "1",
+              "--retrain-epochs", "1", "--retrain-batch-size", "64", "--retrain-init-channels", "4",
+              "--retrain-layers", "3"]
+
+
+@pytest.mark.parametrize("track_running_stats,buffers", [(False, 550), (True, 14170)])
+def test_nb201_supernet_has_the_official_size(track_running_stats, buffers):
+    """xautodl TinyNetworkDarts(C=16, N=5, 10 classes, affine=False): 1692826 weights + one (6, 5) alpha
+    (the numbers tests/test_nb201.py checks against the official supernet)."""
+    net = darts.NB201Network(16, 10, 5, track_running_stats)
+    assert sum(p.numel() for p in net.weight_parameters()) == 1692826
+    assert [tuple(a.shape) for a in net.arch_parameters()] == [(6, 5)]
+    assert sum(b.numel() for b in net.buffers()) == buffers
+    assert "alphas" in net.state_dict() and not any(p is net.alphas for p in net.weight_parameters())
+
+
+def test_nb201_cell_is_the_softmax_weighted_sum_of_the_benchmark_ops():
+    """Eq. (1)-(2) on the NB-201 DAG against a hand-written sum over common.NB201_OPS with the same weights."""
+    torch.manual_seed(0)
+    cell = darts.NB201SearchCell(3, track_running_stats=False)
+    w = F.softmax(torch.randn(6, 5), -1)
+    x = torch.randn(2, 3, 6, 6)
+    nodes = [x]
+    for i in range(1, 4):
+        nodes.append(sum(sum(w[e, k] * cell.edges[e].ops[k](nodes[j]) for k in range(5))
+                         for e, (to, j) in enumerate(common.NB201_EDGES) if to == i))
+    assert torch.allclose(cell(x, w), nodes[3], atol=1e-6)
+    # the ops in NB201_PRIMITIVES order, pools without the DARTS space's extra BN
+    names = [type(op).__name__ for op in cell.edges[0].ops]
+    assert names == ["Zero", "Identity", "NB201ReLUConvBN", "NB201ReLUConvBN", "AvgPool2d"]
+
+
+def test_nb201_recipe_fills_untyped_flags_only_and_shows_in_help():
+    args = common.parse_args(darts.Args, ["--space", "nb201", "--weight-decay", "1e-4", "--layers", "2"])
+    common.apply_recipes(args)
+    assert (args.weight_decay, args.layers) == (1e-4, 2)  # typed: kept
+    assert (args.nesterov, args.init_channels, args.epochs, args.batch_size, args.arch_lr) == (True, 16, 50, 64, 3e-4)
+    assert (args.retrain_epochs, args.retrain_batch_size, args.retrain_lr, args.auxiliary) == (200, 256, 0.1, False)
+    plain = common.parse_args(darts.Args, [])
+    common.apply_recipes(plain)
+    assert (plain.weight_decay, plain.nesterov, plain.layers) == (3e-4, False, 8)  # the DARTS space is untouched
+    text = " ".join(common._parser(darts.Args).format_help().split())  # argparse wraps lines
+    assert "[--space nb201: 5]" in text and "[--space nb201: 0.0005]" in text
+
+
+def run_nb201(tmp_path, *flags):
+    argv = [*NB201_TINY, "--out-dir", str(tmp_path), "--run-name", "run", *flags]
+    results = darts.main(common.parse_args(darts.Args, argv))
+    return results, tmp_path / "run"
+
+
+def test_nb201_first_order_search_looks_up_every_epoch_and_retrains(tmp_path, nb201_benchmark):
+    folder, expected = nb201_benchmark
+    results, run_dir = run_nb201(tmp_path, "--nb201-benchmark", str(folder))
+    genotype = json.loads((run_dir / "genotype.json").read_text())
+    arch = common.nb201_arch_str(common.parse_nb201_arch(genotype["arch"]))
+    assert genotype == {"space": "nb201", "arch": arch, "nb201_index": common.nb201_index(arch)}
+    history = read_jsonl(run_dir / "search_history.jsonl")
+    assert [r["epoch"] for r in history] == [0, 1]
+    for r in history:
+        assert r["nb201_index"] == common.nb201_index(r["arch"])
+        assert r["nb201"] == pytest.approx(expected(r["arch"]), abs=1e-9)
+    assert history[-1]["arch"] == arch
+    alphas = read_jsonl(run_dir / "alphas.jsonl")[-1]
+    assert torch.tensor(alphas["alpha"]["cell"]).shape == (6, 5)
+    assert common.nb201_derive(torch.tensor(alphas["softmax"]["cell"])) == arch  # the derived cell is the argmax
+    assert (run_dir / "nb201.png").is_file() and (run_dir / "alphas.png").is_file()
+    net = common.NB201Network(arch, 10, 4, 3)
+    assert results["retrain"]["params_M"] == pytest.approx(common.count_parameters(net))
+    assert results["search"]["order"] == "first"
+
+
+def test_nb201_second_order_search_runs(tmp_path):
+    results, run_dir = run_nb201(tmp_path, "--unrolled", "--no-retrain", "--epochs", "1")
+    assert results["search"]["order"] == "second" and "retrain" not in results
+    row = read_jsonl(run_dir / "search_history.jsonl")[0]
+    assert row["arch"] == json.loads((run_dir / "genotype.json").read_text())["arch"]
+    assert "nb201" not in row  # no --nb201-benchmark: no lookup
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--space", "darts", "--nb201-benchmark", "x"], "needs --space nb201"),
+    (["--space", "nb201", "--genotype", "DARTS_V2"], "--space nb201 needs one"),
+    (["--genotype", "|nor_conv_3x3~0|+|none~0|none~1|+|skip_connect~0|none~1|none~2|"], "needs --space nb201"),
+    (["--space", "nb201", "--early-stop"], "--early-stop (DARTS+) is defined on the DARTS space"),
+    (["--space", "nb201", "--layers", "0"], "--layers must be >=1"),
+    (["--space", "nb201", "--genotype", "|nor_conv_3x3~0|+|none~0|"], "expected 3 nodes"),
+    (["--space", "nas201"], "unknown --space 'nas201'"),
+])
+def test_nb201_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, flags, needle):
+    argv = ["--device", "cpu", "--dataset", "fake", "--out-dir", str(tmp_path / "runs"), *flags]
+    with pytest.raises(SystemExit) as info:
+        common.cli(darts.main, darts.Args, argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()

@@ -369,7 +369,7 @@ def test_child_training_learns_when_the_policy_is_near_greedy():
     ctrl = enas.Controller(nodes=2, tanh_constant=0.0, temperature=1e-4)
     opt = torch.optim.SGD(model.parameters(), 0.05, momentum=0.9, nesterov=True)
     log = logging.getLogger("test_enas")
-    accs = [enas.train_child_epoch(model, ctrl, train_data, opt, torch.device("cpu"), args, log, e)[1]
+    accs = [enas.train_child_epoch(model, ctrl, train_data, opt, torch.device("cpu"), args, log, e)["train_acc"]
             for e in range(2)]
     assert accs[-1] > 35, accs
 
@@ -517,3 +517,129 @@ def test_shared_network_runs_at_any_image_size_from_8(size):
     assert logits.shape == aux.shape == (2, 10)
     (logits.sum() + aux.sum()).backward()
     assert model.stem[0].weight.grad is not None
+
+
+# ----------------------------------------------------------------------------------------
+# --space nb201: AutoDL-Projects' ENAS on the NAS-Bench-201 cell (Deviation 15)
+# ----------------------------------------------------------------------------------------
+NB201_TINY = ["--device", "cpu", "--workers", "0", "--dataset", "fake", "--image-size", "8", "--batch-size", "8",
+              "--epochs", "2", "--steps-per-epoch", "2", "--space", "nb201", "--init-channels", "4", "--layers", "1",
+              "--controller-train-steps", "2", "--controller-num-aggregate", "3", "--derive-samples", "3",
+              "--final-samples", "4", "--stat-samples", "8", "--retrain-epochs", "1", "--retrain-batch-size", "8",
+              "--retrain-init-channels", "4", "--retrain-layers", "3"]
+
+
+def test_nb201_controller_is_the_official_size_and_scores_what_it_samples():
+    """search_model_enas_utils.py Controller(6 edges, 5 ops, lstm 32, 2 layers): input_vars 32 + 2 LSTM layers
+    x (4*32*(32+32) + 2*4*32) + embedding 5*32 + linear 32*5+5 = 17253; log pi and H are the hand sums of
+    Eq. (5)-(6) with C 2.5, T 5; re-scoring the sampled ops gives the same log-probability."""
+    torch.manual_seed(0)
+    ctrl = enas.NB201Controller()
+    assert sum(p.numel() for p in ctrl.parameters()) == 32 + 2 * (4 * 32 * 64 + 2 * 4 * 32) + 5 * 32 + 32 * 5 + 5
+    arcs, log_prob, entropy, probs = ctrl(7)
+    assert arcs[0].shape == (7, 6) and len(probs) == 6 and all(p.shape == (7, 5) for p in probs)
+    hand_lp = sum(torch.log(p[torch.arange(7), arcs[0][:, e]]) for e, p in enumerate(probs))
+    hand_h = sum(-(p * p.log()).sum(1) for p in probs)
+    assert torch.allclose(log_prob, hand_lp, atol=1e-5) and torch.allclose(entropy, hand_h, atol=1e-5)
+    assert all(p.max() / p.min() <= math.exp(2 * 2.5) + 1e-3 for p in probs)  # logits in (-2.5, 2.5)
+    _, again, _, _ = ctrl(7, arcs=arcs)
+    assert torch.allclose(again, log_prob)
+    loss = enas.reinforce_loss(log_prob, torch.ones(7))  # REINFORCE reaches every controller weight
+    loss.backward()
+    assert all(p.grad is not None for p in ctrl.parameters())
+
+
+def test_nb201_shared_net_runs_only_the_sampled_ops():
+    torch.manual_seed(1)
+    net = enas.NB201SharedNet(4, 10, 1)
+    arc = ([3, 0, 1, 2, 4, 3],)  # op index per edge in NB201_EDGES order
+    logits, aux = net(torch.randn(2, 3, 8, 8), arc)
+    assert logits.shape == (2, 10) and aux is None
+    logits.sum().backward()
+    for cell in (c for c in net.cells if isinstance(c, torch.nn.ModuleList)):
+        for e, ops in enumerate(cell):
+            for k, op in enumerate(ops):
+                grads = [p.grad for p in op.parameters()]
+                assert all(g is not None for g in grads) if k == arc[0][e] else all(g is None for g in grads)
+    assert enas.nb201_arch(arc) == \
+        "|nor_conv_3x3~0|+|none~0|skip_connect~1|+|nor_conv_1x1~0|avg_pool_3x3~1|nor_conv_3x3~2|"
+
+
+def test_nb201_schedule_is_the_official_cosine_without_restarts():
+    """ENAS.config T_max 10, eta_min 5e-4 (xautodl optimizers.py CosineAnnealingLR): every epoch e runs at
+    eta_min + (lr - eta_min)(1 + cos(pi e / 10)) / 2, rising again after epoch 10."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], 0.05)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10, eta_min=0.0005)
+    for e in range(45):
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.0005 + 0.0495 * (1 + math.cos(math.pi * e / 10)) / 2), e
+        opt.step()
+        sched.step()
+
+
+def test_nb201_recipe_fills_only_untyped_flags_and_shows_in_help(capsys):
+    args = common.parse_args(enas.Args, ["--space", "nb201", "--epochs", "3"])
+    common.apply_recipes(args)
+    assert args.epochs == 3 and (args.batch_size, args.lr, args.weight_decay, args.lr_schedule, args.layers) == \
+        (128, 0.05, 2.5e-4, "cosine", 5)
+    assert (args.lstm_size, args.lstm_layers, args.tanh_constant, args.controller_temperature, args.arch_lr) == \
+        (32, 2, 2.5, 5.0, 0.001)
+    assert (args.controller_train_steps, args.controller_num_aggregate, args.final_samples, args.grad_clip) == \
+        (50, 20, 100, 5.0)
+    assert (args.retrain_epochs, args.retrain_layers, args.retrain_init_channels) == (200, 5, 16)
+    darts_space = common.parse_args(enas.Args, [])
+    common.apply_recipes(darts_space)
+    assert (darts_space.epochs, darts_space.lr_schedule, darts_space.lstm_size, darts_space.final_samples) == \
+        (150, "sgdr", 64, 0)
+    with pytest.raises(SystemExit):
+        common.parse_args(enas.Args, ["--help"])
+    assert "[--space nb201: 250]" in capsys.readouterr().out
+
+
+def test_nb201_search_with_benchmark_lookup_end_to_end(tmp_path, nb201_benchmark):
+    folder, expected = nb201_benchmark
+    results = enas.main(common.parse_args(enas.Args, [*NB201_TINY, "--nb201-benchmark", str(folder),
+                                                      "--out-dir", str(tmp_path), "--run-name", "r"]))
+    run_dir = tmp_path / "r"
+    history = read_jsonl(run_dir / "search_history.jsonl")
+    assert len(history) == 2
+    for row in history:  # each epoch: the best of 3 sampled cells, looked up in the benchmark
+        assert len(row["sampled_val_acc"]) == 3 and row["best_sampled_val_acc"] == max(row["sampled_val_acc"])
+        assert row["arch"] == enas.nb201_arch(row["arc"]) and row["nb201_index"] == common.nb201_index(row["arch"])
+        assert row["nb201"] == expected(row["arch"]) and row["genotype"] == common.nb201_record(row["arch"])
+    search = results["search"]  # the result: the best of --final-samples 4 after the last epoch
+    assert search["final_samples"] == 4 and 0 <= search["final_sampled_val_acc"] <= 100
+    saved = json.loads((run_dir / "genotype.json").read_text())
+    assert saved == results["genotype"] == common.nb201_record(enas.nb201_arch(search["final_arc"]))
+    alphas = read_jsonl(run_dir / "alphas.jsonl")
+    p = np.array(alphas[-1]["edge_op"]["cell"])
+    assert p.shape == (6, 5) and np.allclose(p.sum(1), 1, atol=1e-5)
+    net = common.NB201Network(saved["arch"], 10, 4, 3)
+    assert results["retrain"]["params_M"] == pytest.approx(sum(q.numel() for q in net.parameters()) / 1e6, abs=1e-6)
+    assert (run_dir / "nb201.png").exists() and (run_dir / "alphas.png").exists()
+    ckpt = torch.load(run_dir / "checkpoint_search.pt", weights_only=False)
+    assert ckpt["c_optimizer"]["param_groups"][0]["eps"] == 1e-3 and ckpt["baseline"] == history[-1]["baseline"]
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--nb201-benchmark", "x.pth"], "needs --space nb201"),
+    (["--lstm-layers", "2"], "more need --space nb201"),
+    (["--space", "nb201", "--genotype", "ENAS"], "needs --space nb201"),
+    (["--genotype", "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"], "needs --space nb201"),
+    (["--lr-schedule", "step"], "unknown --lr-schedule"),
+])
+def test_nb201_bad_inputs_are_one_line_exit_2_before_any_folder(tmp_path, capsys, flags, needle):
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:
+        common.cli(enas.main, enas.Args, [*TINY, "--out-dir", str(out), *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert not out.exists()
+
+
+@pytest.mark.slow  # two subprocess runs of the tiny NB-201 search
+def test_nb201_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """The controller, its torch Adam, the baseline and the final best-of-N derivation resume bit for bit."""
+    flags = [*NB201_TINY, "--epochs", "3"]
+    ref = run_script("enas.py", *flags, "--out-dir", tmp_path, "--run-name", "ref")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    kill_resume_and_compare("enas.py", flags, tmp_path, tmp_path / "ref", kill_in_retrain=False)

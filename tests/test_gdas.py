@@ -414,3 +414,156 @@ if __name__ == "__main__":
         print(f"{module.__name__:5s} C={C} cells={layers} batch={batch} {size}x{size} {device}: {t * 1e3:.1f} ms/step "
               f"(min of 10), {ops} op calls/forward, {mem / 2**30:.3f} GiB saved for backward, "
               f"peak CUDA memory {peak:.2f} GiB")
+
+
+# ----------------------------------------------------------------------------------------
+# --space nb201: the benchmark's GDAS search (search_model_gdas.py TinyNetworkGDAS)
+# ----------------------------------------------------------------------------------------
+NB201_TINY = ["--space", "nb201", "--device", "cpu", "--workers", "0", "--dataset", "fake", "--image-size", "8",
+              "--epochs", "2", "--batch-size", "8", "--steps-per-epoch", "2", "--init-channels", "4", "--layers", "1",
+              "--retrain-epochs", "1", "--retrain-init-channels", "4", "--retrain-layers", "3",
+              "--retrain-batch-size", "16"]
+
+
+def test_nb201_search_looks_up_every_epochs_cell_and_retrains_it_as_the_benchmark_network(tmp_path, nb201_benchmark,
+                                                                                           monkeypatch):
+    """Also: --channels-last reaches the supernet and the retrained network through common.speed_up, and the
+    search history has common.Progress's per-step fields."""
+    folder, expected = nb201_benchmark
+    seen, speed_up = [], common.speed_up
+    monkeypatch.setattr(common, "speed_up", lambda model, args: seen.append((type(model), args.channels_last))
+                        or speed_up(model, args))
+    results = common.cli(gdas.main, gdas.Args, [*NB201_TINY, "--nb201-benchmark", str(folder), "--channels-last",
+                                                "--out-dir", str(tmp_path), "--run-name", "nb"])
+    assert seen == [(gdas.NB201Network, True), (common.NB201Network, True)]
+    run_dir = tmp_path / "nb"
+    record = json.loads((run_dir / "genotype.json").read_text())
+    arch = record["arch"]
+    assert record == {"space": "nb201", "arch": arch, "nb201_index": common.nb201_index(arch)} == results["genotype"]
+    history = read_jsonl(run_dir / "search_history.jsonl")
+    assert len(history) == 2 and history[-1]["arch"] == arch
+    assert all(len(r["step_seconds"]) == 2 and "peak_gpu_mb" in r for r in history)
+    for row in history:  # the benchmark's accuracies of that epoch's derived cell, as GDAS.py line 322 logs them
+        assert row["nb201_index"] == common.nb201_index(row["arch"]) and row["nb201"] == expected(row["arch"])
+    alphas = read_jsonl(run_dir / "alphas.jsonl")
+    w = torch.tensor(alphas[-1]["alpha"]["cell"])
+    assert w.shape == (6, 5) and list(alphas[-1]["softmax"]) == ["cell"]
+    assert common.nb201_derive(w) == arch  # argmax per edge, 'none' allowed
+    ckpt = torch.load(run_dir / "checkpoint_search.pt", weights_only=False)
+    assert torch.equal(ckpt["model"]["alphas_cell"], w)
+    net = common.NB201Network(arch, 10, 4, 3)  # the retrained network: the benchmark's, at C=4, N=3
+    assert results["retrain"]["params_M"] == common.count_parameters(net)
+    for name in ("nb201.png", "alphas.png", "alpha_evolution.png", "genotype.png", "retrain_curves.png"):
+        assert (run_dir / name).stat().st_size > 0, name
+    assert [r["tau"] for r in history] == [10.0, pytest.approx(0.1)]
+
+
+def test_nb201_recipe_fills_only_untyped_flags_and_help_shows_it(capsys):
+    args = common.parse_args(gdas.Args, ["--space", "nb201", "--batch-size", "32", "--retrain-epochs", "3"])
+    common.apply_recipes(args)
+    assert (args.batch_size, args.layers, args.init_channels, args.epochs, args.lr, args.tau_min) == (32, 5, 16, 250,
+                                                                                                       0.025, 0.1)
+    assert (args.retrain_epochs, args.retrain_batch_size, args.retrain_nesterov, args.retrain_layers) == (3, 256, True,
+                                                                                                       5)
+    darts_space = common.parse_args(gdas.Args, [])
+    common.apply_recipes(darts_space)
+    assert (darts_space.batch_size, darts_space.layers, darts_space.retrain_epochs) == (256, 8, 600)
+    with pytest.raises(SystemExit):
+        common.cli(gdas.main, gdas.Args, ["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "[--space nb201: 64]" in out and "GDAS.config" in out
+
+
+def test_nb201_edge_is_the_official_forward_gdas_in_value_and_gradient():
+    """search_cells.py forward_gdas: sum_k (h^k O^k(x) if k = k* else h^k). Value h^{k*} O^{k*}(x) (= O^{k*}(x));
+    dL/dh^{k*} = <g, O^{k*}(x)>, dL/dh^k = sum(g) for the others (the broadcast value-0 scalars)."""
+    torch.manual_seed(0)
+    edge = gdas.NB201Edge(3, True).double().train()
+    x, g = torch.randn(2, 3, 5, 5, dtype=torch.double), torch.randn(2, 3, 5, 5, dtype=torch.double)
+    for k in range(5):
+        alpha = torch.randn(5, dtype=torch.double, requires_grad=True)
+        h = F.one_hot(torch.tensor(k), 5).double() - F.softmax(alpha, -1).detach() + F.softmax(alpha, -1)
+        h.retain_grad()
+        calls = []
+        hooks = [op.register_forward_hook(lambda m, i, o, j=j: calls.append(j)) for j, op in enumerate(edge.ops)]
+        out = edge(x, h, k)
+        for hook in hooks:
+            hook.remove()
+        assert calls == [k]  # only the sampled op runs
+        with torch.no_grad():
+            ref = edge.ops[k](x)
+        assert torch.allclose(out, ref)
+        (out * g).sum().backward()
+        want = torch.full((5,), g.sum().item(), dtype=torch.double)
+        want[k] = (g * ref).sum()
+        assert torch.allclose(h.grad, want)
+
+
+def test_nb201_supernet_has_the_official_size_and_one_sample_for_all_cells():
+    """TinyNetworkGDAS(C=16, N=5, 4 nodes, 10 classes, NAS-Bench-201 ops, affine False): 1692826 weights
+    (xautodl 1.0.0 get_weights(), the same modules as TinyNetworkDarts, tests/test_nb201.py) and one (6, 5) alpha."""
+    net = gdas.NB201Network(16, 10, 5)
+    assert sum(p.numel() for p in net.weight_parameters()) == 1692826
+    assert [tuple(a.shape) for a in net.arch_parameters()] == [(6, 5)]
+    small = gdas.NB201Network(4, 10, 2).train()
+    ran = []
+    for cell in small.cells:
+        if isinstance(cell, gdas.NB201SearchCell):
+            for e, edge in enumerate(cell.edges):
+                for k, op in enumerate(edge.ops):
+                    op.register_forward_hook(lambda m, i, o, e=e, k=k: ran.append((e, k)))
+    small.tau = 1.0
+    assert small(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+    assert sorted(ran) == sorted((e, k) for e, k in enumerate(small.last_index) for _ in range(6))  # 6 cells
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--space", "nb201", "--genotype", "DARTS_V2"], "a NAS-Bench-201 arch string needs --space nb201"),
+    (["--genotype", "|nor_conv_3x3~0|+|none~0|none~1|+|none~0|none~1|none~2|"], "needs --space nb201"),
+    (["--nb201-benchmark", "x.pth"], "--nb201-benchmark looks up NAS-Bench-201 cells: it needs --space nb201"),
+    (["--space", "nb201", "--frc"], "NAS-Bench-201 has none"),
+    (["--space", "nb201", "--genotype", "|nor_conv_3x3~0|+|none~0|"], "expected 3 nodes"),
+    (["--layers", "2"], "--layers must be >=3, got 2"),
+])
+def test_bad_nb201_flags_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, flags, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(gdas.main, gdas.Args, [*TINY, "--out-dir", str(tmp_path / "runs"), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# --dataset imagenet: GDAS's own retraining recipe (Args.IMAGENET); --channels-last / --compile reach the search
+# ----------------------------------------------------------------------------------------
+def test_imagenet_recipe_is_autodls_and_typed_flags_win(capsys):
+    args = common.parse_args(gdas.Args, ["--dataset", "imagenet", "--retrain-batch-size", "64"])
+    common.apply_recipes(args)
+    assert (args.retrain_batch_size, args.retrain_init_channels, args.retrain_layers, args.retrain_epochs) == (64, 50,
+                                                                                                            14, 250)
+    assert (args.retrain_warmup_epochs, args.retrain_nesterov, args.retrain_grad_clip, args.aux_batchnorm) == (5, True,
+                                                                                                            0.0, True)
+    assert (args.retrain_weight_decay, args.label_smoothing, args.retrain_schedule) == (3e-5, 0.1, "cosine")
+    # the schedule it gives: warm-up 0.02 .. 0.1 over 5 epochs, then the cosine
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], args.retrain_lr)
+    sched, lrs = common.retrain_scheduler(opt, args), []
+    for _ in range(7):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])
+    assert lrs[5:] == pytest.approx([0.05 * (1 + np.cos(np.pi * e / 250)) for e in (5, 6)])
+    with pytest.raises(SystemExit):
+        common.cli(gdas.main, gdas.Args, ["--help"])
+    assert "[--dataset imagenet: 50]" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.slow
+def test_nb201_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """The NB-201 search resumes bit for bit (alphas_cell, optimisers, RNG, the zero-filled .grad of Deviation 12)."""
+    flags = [*NB201_TINY, "--epochs", "3"]
+    ref = run_script("gdas.py", *flags, "--out-dir", tmp_path, "--run-name", "ref")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    run_dir = kill_resume_and_compare("gdas.py", flags, tmp_path, tmp_path / "ref", kill_in_retrain=False)
+    arch = json.loads((run_dir / "genotype.json").read_text())["arch"]
+    assert read_jsonl(run_dir / "search_history.jsonl")[-1]["arch"] == arch

@@ -326,3 +326,76 @@ def test_own_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, 
     assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert needle in err and "Traceback" not in err, err
     assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# --space nb201: the official NAS-Bench-201 notebook's supernet and protocol (Deviation 9)
+# ----------------------------------------------------------------------------------------
+NB201_TINY = ["--device", "cpu", "--workers", "0", "--dataset", "fake", "--image-size", "8", "--batch-size", "8",
+              "--epochs", "2", "--steps-per-epoch", "2", "--space", "nb201", "--init-channels", "4", "--layers", "1",
+              "--inner-steps", "1", "--neumann-k", "1", "--retrain-epochs", "1", "--retrain-batch-size", "8",
+              "--retrain-init-channels", "4", "--retrain-layers", "3"]
+
+
+def test_nb201_supernet_is_the_official_size_and_derives_the_argmax_cell():
+    """TinyNetworkDartsV2(C=16, N=5, 10 classes): 1692826 weights, 14170 buffer elements (affine=False BN with
+    running stats, the counts tests/test_nb201.py checks against xautodl), one (6, 5) alpha; 'none' may win."""
+    net = idarts.NB201Supernet(16, 10, 5)
+    assert sum(p.numel() for p in net.weight_parameters()) == 1692826
+    assert sum(b.numel() for b in net.buffers()) == 14170
+    assert [tuple(a.shape) for a in net.arch_parameters()] == [(6, 5)]
+    small = idarts.NB201Supernet(4, 10, 1)
+    with torch.no_grad():
+        small.alphas_cell.copy_(torch.eye(5)[[0, 3, 1, 4, 2, 3]])  # edge e -> op row
+    assert small.genotype() == "|none~0|+|nor_conv_3x3~0|skip_connect~1|+|avg_pool_3x3~0|nor_conv_1x1~1|nor_conv_3x3~2|"
+    assert small(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_nb201_recipe_fills_only_untyped_flags_and_shows_in_help(capsys):
+    args = common.parse_args(idarts.Args, ["--space", "nb201", "--lr", "0.02"])
+    common.apply_recipes(args)
+    assert args.lr == 0.02 and (args.epochs, args.layers, args.lr_min, args.weight_decay, args.nesterov) == \
+        (30, 5, 0.001, 5e-4, True)
+    assert (args.inner_steps, args.neumann_k, args.retrain_epochs, args.retrain_layers) == (4, 2, 200, 5)
+    darts_space = common.parse_args(idarts.Args, [])
+    common.apply_recipes(darts_space)
+    assert (darts_space.epochs, darts_space.lr, darts_space.layers, darts_space.inner_steps) == (50, 0.025, 8, 5)
+    with pytest.raises(SystemExit):
+        common.parse_args(idarts.Args, ["--help"])
+    assert "[--space nb201: 30]" in capsys.readouterr().out
+
+
+def test_nb201_search_with_benchmark_lookup_end_to_end(tmp_path, nb201_benchmark):
+    folder, expected = nb201_benchmark
+    results = idarts.main(common.parse_args(idarts.Args, [*NB201_TINY, "--nb201-benchmark", str(folder),
+                                                          "--out-dir", str(tmp_path), "--run-name", "r"]))
+    run_dir = tmp_path / "r"
+    history = read_jsonl(run_dir / "search_history.jsonl")
+    assert len(history) == 2
+    for row in history:
+        assert row["nb201_index"] == common.nb201_index(row["arch"]) and row["nb201"] == expected(row["arch"])
+        assert row["genotype"] == common.nb201_record(row["arch"])
+    saved = json.loads((run_dir / "genotype.json").read_text())
+    assert saved == results["genotype"] == common.nb201_record(history[-1]["arch"])
+    alphas = read_jsonl(run_dir / "alphas.jsonl")
+    assert np.array(alphas[-1]["softmax"]["cell"]).shape == (6, 5)
+    assert saved["arch"] == common.nb201_derive(torch.tensor(alphas[-1]["alpha"]["cell"]))
+    net = common.NB201Network(saved["arch"], 10, 4, 3)
+    assert results["retrain"]["params_M"] == pytest.approx(sum(p.numel() for p in net.parameters()) / 1e6, abs=1e-6)
+    assert (run_dir / "nb201.png").exists() and (run_dir / "alphas.png").exists()
+    assert "NAS-Bench-201" in (run_dir / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--nb201-benchmark", "x.pth"], "needs --space nb201"),
+    (["--space", "nb201", "--genotype", "DARTS_V2"], "needs --space nb201"),
+    (["--genotype", "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"], "needs --space nb201"),
+    (["--space", "nb201", "--nb201-benchmark", "/nonexistent/NAS-Bench-201.pth"], "nonexistent"),
+])
+def test_nb201_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, flags, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(idarts.main, idarts.Args, [*map(str, SMALL), "--out-dir", str(tmp_path / "runs"), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "runs").exists()

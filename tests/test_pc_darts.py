@@ -6,9 +6,12 @@ per line because peak RSS is per process; device="cuda" adds torch.cuda.max_memo
     PYTHONPATH=.:tests python -c "import test_pc_darts as t; print(t.search_step_memory('darts', 64))"
     PYTHONPATH=.:tests python -c "import test_pc_darts as t; print(t.search_step_memory('pc_darts', 64))"
     PYTHONPATH=.:tests python -c "import test_pc_darts as t; print(t.search_step_memory('pc_darts', 256))"
+CPU time of one ImageNet search step (official supernet at 224 px, batch 8; README's number):
+    OMP_NUM_THREADS=1 PYTHONPATH=.:tests python -c "import test_pc_darts as t; print(t.imagenet_search_step_seconds(8))"
 """
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -443,3 +446,263 @@ def test_k_and_warmup_checks_do_not_apply_to_a_given_genotype(tmp_path):
     results = pc_darts.main(args)
     assert "search" not in results and results["genotype"] == common.genotype_to_dict(common.GENOTYPES["PC_DARTS"])
     assert 0 <= results["retrain"]["test_acc"] <= 100 and "best_test_acc" not in results["retrain"]
+
+
+# ----------------------------------------------------------------------------------------
+# --space nb201: partial channels and edge normalisation on the NAS-Bench-201 cell
+# ----------------------------------------------------------------------------------------
+NB201_TINY = ["--space", "nb201", "--device", "cpu", "--workers", "0", "--dataset", "fake", "--image-size", "8",
+              "--epochs", "2", "--warmup-epochs", "1", "--steps-per-epoch", "2", "--batch-size", "8",
+              "--init-channels", "4", "--layers", "1", "--retrain-epochs", "1", "--retrain-batch-size", "64",
+              "--retrain-init-channels", "4", "--retrain-layers", "3"]
+
+
+def test_nb201_k_1_is_darts_nb201_mixed_op_and_k_4_sends_c_over_k_channels_through_the_ops():
+    torch.manual_seed(3)
+    d, p = darts.MixedOp(8, 1, "nb201", False), pc_darts.MixedOp(8, 1, 1, "nb201", False)
+    p.load_state_dict(d.state_dict())
+    x, w = torch.randn(2, 8, 6, 6), F.softmax(torch.randn(5), 0)
+    assert torch.equal(p(x, w), d(x, w))
+    p4 = pc_darts.MixedOp(8, 1, 4, "nb201", False)
+    assert [tuple(op[1].weight.shape) for op in p4.ops[2:4]] == [(2, 2, 1, 1), (2, 2, 3, 3)]  # C/K = 2 channels
+    x2 = x.clone()
+    x2[:, :2] += 1.0  # only the first C/K channels go through the ops
+    moved = (p4(x2, w) - p4(x, w)).abs().amax(dim=(0, 2, 3)) > 0
+    # after the shuffle with K=4 groups, channel i * 4 + g comes from group g: group 0 (the op output) moved
+    assert moved.tolist() == [True, False, False, False, True, False, False, False]
+
+
+def test_nb201_edge_softmax_is_per_node_and_leaves_the_argmax_per_edge_alone():
+    beta = torch.randn(6, requires_grad=True)
+    e = pc_darts.edge_softmax(beta, 3, first=1)
+    assert e[0] == 1.0 and torch.allclose(e[1:3].sum(), torch.tensor(1.0)) and torch.allclose(e[3:].sum(), torch.tensor(1.0))
+    assert torch.allclose(e[3:], F.softmax(beta[3:], 0))
+    net = pc_darts.NB201Network(4, 10, 1, k=4, track_running_stats=False)
+    F.cross_entropy(net(torch.randn(4, 3, 8, 8)), torch.arange(4)).backward()
+    assert net.betas.grad[0] == 0 and net.betas.grad[1:].abs().sum() > 0  # node 1's single edge: softmax is 1
+    with torch.no_grad():
+        net.betas.copy_(torch.tensor([0.0, 5.0, -5.0, 9.0, -9.0, 0.0]))
+    assert net.genotype() == common.nb201_derive(F.softmax(net.alphas, -1))  # beta scales whole edges
+    assert [tuple(a.shape) for a in net.arch_parameters()] == [(6, 5), (6,)]
+
+
+def test_nb201_recipes_fill_untyped_flags_only():
+    args = common.parse_args(pc_darts.Args, ["--space", "nb201", "--k", "2"])
+    common.apply_recipes(args)
+    assert (args.k, args.layers, args.lr, args.batch_size, args.weight_decay, args.nesterov) == (2, 5, 0.025, 64, 5e-4, True)
+    assert (args.warmup_epochs, args.arch_lr, args.retrain_epochs, args.retrain_layers) == (15, 6e-4, 200, 5)
+    assert "[--space nb201: 64]" in " ".join(common._parser(pc_darts.Args).format_help().split())
+
+
+def test_imagenet_retraining_recipe_is_train_imagenet_py_and_drives_the_schedule():
+    """PC-DARTS train_imagenet.py: batch 1024, lr 0.5, wd 3e-5, 250 epochs, label smoothing 0.1, auxiliary, and
+    the lr per epoch: warm-up lr0 (e+1)/5 for e < 5, then adjust_lr's linear rule."""
+    args = common.parse_args(pc_darts.Args, ["--dataset", "imagenet", "--retrain-epochs", "20"])
+    common.apply_recipes(args)
+    assert (args.retrain_batch_size, args.retrain_lr, args.retrain_weight_decay, args.label_smoothing) == \
+        (1024, 0.5, 3e-5, 0.1)
+    assert (args.retrain_init_channels, args.retrain_layers, args.auxiliary, args.drop_path_prob, args.cutout) == \
+        (48, 14, True, 0.0, False)
+    assert args.retrain_epochs == 20  # typed
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], args.retrain_lr)
+    sched = common.retrain_scheduler(opt, args)
+    lrs = []
+    for _ in range(args.retrain_epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    E = args.retrain_epochs
+
+    def official(e):  # train_imagenet.py lines 151-158 and 186-194
+        if e < 5:
+            return 0.5 * (e + 1) / 5
+        return 0.5 * (E - 5 - e) / (E - 5) if E - e > 5 else 0.5 * (E - e) / ((E - 5) * 5)
+    assert lrs == pytest.approx([official(e) for e in range(E)])
+    assert "[--dataset imagenet: 1024]" in " ".join(common._parser(pc_darts.Args).format_help().split())
+
+
+def test_nb201_search_end_to_end_with_the_benchmark_lookup(tmp_path, nb201_benchmark):
+    folder, expected = nb201_benchmark
+    argv = [*NB201_TINY, "--nb201-benchmark", str(folder), "--out-dir", str(tmp_path), "--run-name", "run"]
+    results = pc_darts.main(common.parse_args(pc_darts.Args, argv))
+    run_dir = tmp_path / "run"
+    genotype = json.loads((run_dir / "genotype.json").read_text())
+    assert genotype == common.nb201_record(genotype["arch"]) and results["genotype"] == genotype
+    history = read_jsonl(run_dir / "search_history.jsonl")
+    assert [r["arch_step"] for r in history] == [False, True]
+    for r in history:
+        assert r["nb201_index"] == common.nb201_index(r["arch"])
+        assert r["nb201"] == pytest.approx(expected(r["arch"]), abs=1e-9)
+        assert len(r["step_seconds"]) == 2  # common.Progress
+    last = read_jsonl(run_dir / "alphas.jsonl")[-1]
+    alpha, beta = torch.tensor(last["alpha"]["cell"]), torch.tensor(last["beta"]["cell"])
+    assert alpha.shape == (6, 5) and beta.shape == (6,)
+    assert common.nb201_derive(F.softmax(alpha, -1)) == genotype["arch"] == history[-1]["arch"]
+    assert (run_dir / "nb201.png").is_file()
+    net = common.NB201Network(genotype["arch"], 10, 4, 3)
+    assert results["retrain"]["params_M"] == pytest.approx(common.count_parameters(net))
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--space", "darts", "--layers", "2"], "--layers must be >=3, got 2"),
+    (["--k", "8"], "--init-channels 4 must be a multiple of --k 8"),
+    (["--genotype", "PC_DARTS"], "--space nb201 needs one"),
+    (["--space", "darts", "--nb201-benchmark", "x"], "needs --space nb201"),
+])
+def test_nb201_bad_inputs(tmp_path, capsys, flags, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(pc_darts.main, pc_darts.Args, [*NB201_TINY, "--out-dir", str(tmp_path / "runs"), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# ImageNet search (paper Sec. 4.3) and the data-parallel search under torchrun
+# ----------------------------------------------------------------------------------------
+def _image_tree(root, classes=("n01", "n02"), n=8, size=40):
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    for split in ("train", "val"):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.randint(0, 255, (size, size + 8, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.JPEG")
+    return root
+
+
+def test_imagenet_search_subsets_are_per_class_disjoint_and_seeded():
+    class Folder:  # what imagenet_search_subsets reads of an ImageFolder
+        classes = ["a", "b", "c"]
+        targets = [0] * 40 + [1] * 80 + [2] * 41
+
+    w, a = pc_darts.imagenet_search_subsets(Folder, 0.1, 0.025, seed=2)
+    t = np.array(Folder.targets)
+    assert [int((t[w] == c).sum()) for c in range(3)] == [4, 8, 4] and [int((t[a] == c).sum()) for c in range(3)] == [1, 2, 1]
+    assert not set(w) & set(a)
+    assert (w, a) == pc_darts.imagenet_search_subsets(Folder, 0.1, 0.025, seed=2)
+    assert w != pc_darts.imagenet_search_subsets(Folder, 0.1, 0.025, seed=3)[0]
+    with pytest.raises(common.UsageError, match="too few"):
+        pc_darts.imagenet_search_subsets(Folder, 0.9, 0.2, seed=2)
+
+
+def test_imagenet_supernet_has_three_stride_2_convs_in_the_stem():
+    net = pc_darts.Network(4, 10, 3, k=2, imagenet=True)
+    strides = [m.stride for m in [*net.stem0.modules(), *net.stem1.modules()] if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [(2, 2)] * 3
+    x = torch.randn(2, 3, 64, 64)
+    assert net.stem0(x).shape == (2, 12, 16, 16) and net.stem1(net.stem0(x)).shape == (2, 12, 8, 8)
+    assert net(x).shape == (2, 10)
+    assert type(net.cells[0].preprocess0).__name__ == "FactorizedReduce"  # s0 is twice s1's size
+
+
+def test_imagenet_search_runs_with_the_official_recipe(tmp_path):
+    root = _image_tree(tmp_path / "imagenet")
+    argv = ["--dataset", "imagenet", "--data", str(root), "--image-size", "32", "--device", "cpu", "--workers", "0",
+            "--imagenet-weights-portion", "0.5", "--imagenet-alpha-portion", "0.25", "--epochs", "2",
+            "--warmup-epochs", "1", "--batch-size", "4", "--init-channels", "4", "--layers", "3",
+            "--steps-per-epoch", "2", "--no-retrain", "--out-dir", str(tmp_path), "--run-name", "run"]
+    results = pc_darts.main(common.parse_args(pc_darts.Args, argv))
+    args = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert (args["lr"], args["arch_lr"], args["k"], args["arch_grad_clip"], args["lr_warmup_epochs"]) == (0.5, 6e-3, 2, 5.0, 5)
+    assert (args["batch_size"], args["warmup_epochs"]) == (4, 1)  # typed
+    history = read_jsonl(tmp_path / "run" / "search_history.jsonl")
+    assert [r["lr"] for r in history] == pytest.approx([0.1, 0.2])  # the lr warm-up: 0.5 (e + 1) / 5
+    assert [r["arch_step"] for r in history] == [False, True] and results["search"]["k"] == 2
+    ckpt = torch.load(tmp_path / "run" / "checkpoint_search.pt", weights_only=False)
+    assert "stem0.0.weight" in ckpt["model"] and "stem.0.weight" not in ckpt["model"]
+    assert "Genotype" not in results["genotype"] and len(results["genotype"]["normal"]) == 8
+
+
+DDP = ["--device", "cpu", "--workers", "0", "--dataset", "fake", "--image-size", "8", "--epochs", "2",
+       "--warmup-epochs", "0", "--steps-per-epoch", "3", "--batch-size", "8", "--init-channels", "4", "--layers", "3",
+       "--k", "2", "--no-retrain"]
+
+
+def one_process_on_the_same_global_batches(flags, world=2):
+    """The search of pc_darts.search_epoch written out for one process that, at every step, takes the global
+    batch as the `world` processes' shares (DistributedSampler), computes each share's gradient (BN statistics
+    per share, as per process) and steps on their mean: what data-parallel search must equal."""
+    args = common.parse_args(pc_darts.Args, flags)
+    common.apply_recipes(args)
+    common.seed_everything(args.seed)  # as common.run does before search
+    train_set, num_classes, _ = common.load_dataset(args.dataset, args.data, True, args.image_size)
+    split = len(train_set) // 2
+    subsets = [torch.utils.data.Subset(train_set, idx) for idx in (range(split), range(split, len(train_set)))]
+    model = pc_darts.Network(args.init_channels, num_classes, args.layers, args.k)
+    w_opt = torch.optim.SGD(model.weight_parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    a_opt = torch.optim.Adam(model.arch_parameters(), args.arch_lr, betas=(0.5, 0.999),
+                             weight_decay=args.arch_weight_decay)
+    scheduler = pc_darts.search_scheduler(w_opt, args)
+    for epoch in range(args.epochs):
+        loaders = []
+        for subset in subsets:
+            samplers = [torch.utils.data.DistributedSampler(subset, world, r, seed=args.seed) for r in range(world)]
+            for s in samplers:
+                s.set_epoch(epoch)
+            loaders.append([iter(torch.utils.data.DataLoader(subset, args.batch_size // world, sampler=s)) for s in samplers])
+        for _ in range(args.steps_per_epoch):
+            train = [next(it) for it in loaders[0]]
+            val = [next(it) for it in loaders[1]]
+            grads = [pc_darts.first_order_arch_grad(model, x, y)[0] for x, y in val]
+            for a, *g in zip(model.arch_parameters(), *grads):
+                a.grad = sum(g) / world
+            a_opt.step()
+            w_opt.zero_grad()
+            for x, y in train:
+                (F.cross_entropy(model(x), y) / world).backward()
+            common.clip_grad(model.weight_parameters(), args.grad_clip)
+            w_opt.step()
+        scheduler.step()
+    return model
+
+
+@pytest.mark.slow  # two torchrun workers: about 25 s on 2 shared cores
+def test_torchrun_search_two_gloo_processes_end_with_the_same_alphas_as_one_process(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "pc_darts.py"), *DDP, "--out-dir", str(tmp_path), "--run-name", "ddp"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sums = {line.split(":")[0]: line.split()[-1] for line in proc.stdout.splitlines() if "arch parameters sha256" in line}
+    assert set(sums) == {"rank 0", "rank 1"} and sums["rank 0"] == sums["rank 1"], proc.stdout[-2000:]  # bit-identical
+    run_dir = tmp_path / "ddp"
+    assert (run_dir / "log.txt").read_text().count("new run folder") == 1
+    last = read_jsonl(run_dir / "alphas.jsonl")[-1]
+    ref = one_process_on_the_same_global_batches([*DDP, "--out-dir", str(tmp_path)])
+    common.seed_everything(2)
+    init = pc_darts.Network(4, 10, 3, 2)  # the supernet both runs start from
+    for key, name in (("alpha", "alphas_"), ("beta", "betas_")):
+        for cell in ("normal", "reduce"):
+            got, want = torch.tensor(last[key][cell]), getattr(ref, name + cell).detach()
+            assert torch.allclose(got, want, atol=1e-6, rtol=0), (key, cell, (got - want).abs().max())
+            assert (want - getattr(init, name + cell)).abs().max() > 1e-4  # they moved: 6 Adam steps of 6e-4
+    state = torch.load(run_dir / "checkpoint_search.pt", weights_only=False)["model"]
+    for n, p in ref.named_parameters():
+        assert torch.allclose(state[n], p.detach(), atol=1e-5, rtol=1e-4), n
+
+
+def imagenet_search_step_seconds(batch, steps=4):
+    """[(CPU s, wall s)] of `steps` PC-DARTS ImageNet search steps (first-order arch step + weight step, both
+    clips), the official search supernet (C=16, 8 cells, K=2, ImageNet stem, 1000 classes) at 224 px."""
+    torch.manual_seed(0)
+    model = pc_darts.Network(16, 1000, 8, k=2, imagenet=True)
+    w_opt = torch.optim.SGD(model.weight_parameters(), 0.5, momentum=0.9, weight_decay=3e-4)
+    a_opt = torch.optim.Adam(model.arch_parameters(), 6e-3, betas=(0.5, 0.999), weight_decay=1e-3)
+    x, xv = torch.randn(batch, 3, 224, 224), torch.randn(batch, 3, 224, 224)
+    y, yv = torch.randint(0, 1000, (batch,)), torch.randint(0, 1000, (batch,))
+    out = []
+    for _ in range(steps):
+        c0, t0 = time.process_time(), time.perf_counter()
+        grads, _ = pc_darts.first_order_arch_grad(model, xv, yv)
+        for a, g in zip(model.arch_parameters(), grads):
+            a.grad = g
+        common.clip_grad(model.arch_parameters(), 5.0)
+        a_opt.step()
+        w_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        common.clip_grad(model.weight_parameters(), 5.0)
+        w_opt.step()
+        out.append((round(time.process_time() - c0, 2), round(time.perf_counter() - t0, 2)))
+    return out

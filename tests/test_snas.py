@@ -395,3 +395,123 @@ def test_supernet_forward_backward_and_costs_at_odd_and_large_image_sizes(size):
     costs = red.costs(net.log_alpha_reduce).tolist()
     assert costs[0] == [list(c) for c in snas.op_costs(8, 2, size)]  # edge 0: state 0 -> node 2, stride 2
     assert costs[4] == [list(c) for c in snas.op_costs(8, 1, (size + 1) // 2)]  # edge 4: node 2 -> node 3
+
+
+# ------------------------------------------------------------------------------------------------------------
+# --space nb201 (Deviation 14)
+# ------------------------------------------------------------------------------------------------------------
+NB201_TINY = ["--space", "nb201", "--device", "cpu", "--workers", "0", "--dataset", "fake", "--image-size", "8",
+              "--epochs", "2", "--batch-size", "8", "--steps-per-epoch", "2", "--init-channels", "4", "--layers", "1",
+              "--retrain-epochs", "1", "--retrain-init-channels", "4", "--retrain-layers", "3",
+              "--retrain-batch-size", "16"]
+
+
+def test_nb201_search_looks_up_every_epochs_cell_and_retrains_it_as_the_benchmark_network(tmp_path, nb201_benchmark,
+                                                                                           monkeypatch):
+    """Also: --channels-last reaches the supernet and the retrained network through common.speed_up, and the
+    search history has common.Progress's per-step fields."""
+    folder, expected = nb201_benchmark
+    seen, speed_up = [], common.speed_up
+    monkeypatch.setattr(common, "speed_up", lambda model, args: seen.append((type(model), args.channels_last))
+                        or speed_up(model, args))
+    results = common.cli(snas.main, snas.Args, [*NB201_TINY, "--nb201-benchmark", str(folder), "--channels-last",
+                                                "--out-dir", str(tmp_path), "--run-name", "nb"])
+    assert seen == [(snas.NB201Network, True), (common.NB201Network, True)]
+    run_dir = tmp_path / "nb"
+    record = json.loads((run_dir / "genotype.json").read_text())
+    arch = record["arch"]
+    assert record == {"space": "nb201", "arch": arch, "nb201_index": common.nb201_index(arch)} == results["genotype"]
+    history = read_jsonl(run_dir / "search_history.jsonl")
+    assert len(history) == 2 and history[-1]["arch"] == arch
+    assert all(len(r["step_seconds"]) == 2 and "peak_gpu_mb" in r for r in history)
+    for row in history:
+        assert row["nb201_index"] == common.nb201_index(row["arch"]) and row["nb201"] == expected(row["arch"])
+        assert row["resource_penalty"] > 0 and 0 <= row["child_val_acc"] <= 100
+    alphas = read_jsonl(run_dir / "alphas.jsonl")
+    log_alpha = torch.tensor(alphas[-1]["log_alpha"]["cell"])
+    assert log_alpha.shape == (6, 5) and list(alphas[-1]["softmax"]) == ["cell"]
+    assert common.nb201_derive(log_alpha) == arch  # SNAS's child: argmax per edge, 'none' allowed
+    ckpt = torch.load(run_dir / "checkpoint_search.pt", weights_only=False)
+    assert torch.equal(ckpt["model"]["log_alpha_cell"], log_alpha)
+    assert torch.equal(ckpt["log_alphas"]["cell"], log_alpha)
+    assert results["retrain"]["params_M"] == common.count_parameters(common.NB201Network(arch, 10, 4, 3))
+    assert (run_dir / "nb201.png").stat().st_size > 0 and (run_dir / "alphas.png").stat().st_size > 0
+
+
+def test_nb201_recipe_keeps_snas_defaults_and_sets_the_benchmark_network(capsys):
+    args = common.parse_args(snas.Args, ["--space", "nb201", "--init-channels", "8"])
+    common.apply_recipes(args)
+    assert (args.init_channels, args.layers, args.batch_size, args.epochs, args.tau_min) == (8, 5, 64, 150, 0.03)
+    assert (args.retrain_epochs, args.retrain_init_channels, args.auxiliary, args.cutout) == (200, 16, False, False)
+    with pytest.raises(SystemExit):
+        common.cli(snas.main, snas.Args, ["--help"])
+    assert "[--space nb201: 5]" in " ".join(capsys.readouterr().out.split())
+
+
+def test_nb201_resource_penalty_matches_a_hand_count_and_the_supernet_is_the_benchmarks():
+    """N=1 at C=4 on 8x8: cells at (C, H) = (4, 8), (8, 4), (16, 2). Z one-hot on nor_conv_3x3: operations.py's
+    ReLUConvBN(C, C, 3) size 9C^2, flops size H^2, mac 2C H^2 + size; on skip_connect: Identity, mac 2C H^2 only
+    (size and flops 0 count as 1: log 0)."""
+    net = snas.NB201Network(4, 10, 1)
+    net(torch.randn(2, 3, 8, 8))  # records the cells' input sizes
+    k, skip = common.NB201_PRIMITIVES.index("nor_conv_3x3"), common.NB201_PRIMITIVES.index("skip_connect")
+
+    def cell(C, H):  # 6 edges of ReLUConvBN(C, C, 3) at H x H: (log size + log flops + log mac) / 3 each
+        return 6 * (math.log(9 * C * C) + math.log(9 * C * C * H * H) + math.log(2 * C * H * H + 9 * C * C)) / 3
+
+    z = {"cell": F.one_hot(torch.full((6,), k), 5).float()}
+    assert snas.resource_penalty(net, z).item() == pytest.approx((cell(4, 8) + cell(8, 4) + cell(16, 2)) / 3, rel=1e-6)
+    z = {"cell": F.one_hot(torch.full((6,), skip), 5).float()}
+    want = sum(6 * math.log(2 * C * H * H) / 3 for C, H in ((4, 8), (8, 4), (16, 2))) / 3
+    assert snas.resource_penalty(net, z).item() == pytest.approx(want, rel=1e-6)
+    g = torch.autograd.grad(snas.resource_penalty(net, net.sample_weights()), net.arch_parameters())
+    assert g[0].shape == (6, 5) and g[0].abs().sum() > 0
+    # the supernet's weights are the benchmark's search supernet's (tests/test_nb201.py: 1692826 at C=16, N=5)
+    assert sum(p.numel() for p in snas.NB201Network(16, 10, 5).weight_parameters()) == 1692826
+    # Eq. (2) on an edge: the Z-weighted sum of the 5 ops
+    edge = net.cells[0].edges[0].eval()
+    x, w = torch.randn(2, 4, 8, 8), F.softmax(torch.randn(5), -1)
+    assert torch.allclose(edge(x, w), sum(wk * op(x) for wk, op in zip(w, edge.ops)))
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--space", "nb201", "--genotype", "SNAS_mild_edge_all"], "a NAS-Bench-201 arch string needs --space nb201"),
+    (["--genotype", "|nor_conv_3x3~0|+|none~0|none~1|+|none~0|none~1|none~2|"], "needs --space nb201"),
+    (["--nb201-benchmark", "x.pth"], "it needs --space nb201"),
+    (["--layers", "2"], "--layers must be >=3, got 2"),
+])
+def test_bad_nb201_flags_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, flags, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(snas.main, snas.Args, [*TINY, "--out-dir", str(tmp_path / "runs"), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# --dataset imagenet: SNAS/train_imagenet.py's recipe (Args.IMAGENET); --channels-last / --compile reach the search
+# ------------------------------------------------------------------------------------------------------------
+def test_imagenet_recipe_is_snas_train_imagenet_and_typed_flags_win():
+    args = common.parse_args(snas.Args, ["--dataset", "imagenet", "--auxiliary"])
+    common.apply_recipes(args)
+    assert (args.retrain_init_channels, args.retrain_layers, args.retrain_epochs, args.retrain_batch_size) == (50, 14,
+                                                                                                            250, 128)
+    assert (args.retrain_lr, args.retrain_weight_decay, args.retrain_schedule, args.retrain_gamma) == (0.1, 3e-5,
+                                                                                                     "step", 0.97)
+    assert (args.label_smoothing, args.retrain_grad_clip, args.drop_path_prob, args.aux_batchnorm) == (0.1, 5.0, 0.0,
+                                                                                                     True)
+    assert args.auxiliary is True  # typed; the recipe's default is off (train_imagenet.py line 40)
+    untyped = common.parse_args(snas.Args, ["--dataset", "imagenet"])
+    common.apply_recipes(untyped)
+    assert untyped.auxiliary is False
+
+
+@pytest.mark.slow
+def test_nb201_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """The NB-201 search resumes bit for bit (alphas_cell, optimisers, RNG)."""
+    flags = [*NB201_TINY, "--epochs", "3"]
+    ref = run_script("snas.py", *flags, "--out-dir", tmp_path, "--run-name", "ref")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    run_dir = kill_resume_and_compare("snas.py", flags, tmp_path, tmp_path / "ref", kill_in_retrain=False)
+    arch = json.loads((run_dir / "genotype.json").read_text())["arch"]
+    assert read_jsonl(run_dir / "search_history.jsonl")[-1]["arch"] == arch

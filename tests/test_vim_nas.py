@@ -260,3 +260,75 @@ def test_genotype_from_a_hand_made_map_and_settling_of_hand_made_histories():
     swap[2] = F.one_hot(torch.tensor(5), 8)  # edge 0 -> node 1: avg_pool_3x3 becomes sep_conv_5x5
     s = vim_nas.settling([row(one), row(one), row(swap)])
     assert s["genotype_epochs"] == 3 and s["agreement"] == [14 / 16, 14 / 16, 1.0]  # one pair per cell differs
+
+
+# ----------------------------------------------------------------------------------------
+# --space nb201: DARTS's NAS-Bench-201 protocol with VIM-NAS's generator (Deviation 13)
+# ----------------------------------------------------------------------------------------
+NB201_TINY = ["--device", "cpu", "--workers", "0", "--dataset", "fake", "--image-size", "8", "--batch-size", "8",
+              "--epochs", "2", "--steps-per-epoch", "2", "--space", "nb201", "--init-channels", "4", "--layers", "1",
+              "--retrain-epochs", "1", "--retrain-batch-size", "8", "--retrain-init-channels", "4",
+              "--retrain-layers", "3"]
+
+
+def test_nb201_supernet_is_the_benchmark_darts_supernet_with_one_generator():
+    """Weights: those of TinyNetworkDarts(C=16, N=5, 10 classes) with running BN stats (1692826 weights, 14170
+    buffer elements, as tests/test_nb201.py checks against xautodl) plus the generator's eps (1, 3, 6, 5);
+    A = phi(eps) + xi is (6, 5), shared by all cells, and the derived cell is its argmax per edge."""
+    net = vim_nas.NB201Supernet(16, 10, 5)
+    assert sum(p.numel() for p in net.weight_parameters()) == 1692826
+    assert sum(b.numel() for n, b in net.named_buffers() if not n.startswith("arch_")) == 14170
+    assert net.arch_cell.eps.shape == (1, 3, 6, 5) and list(net.generators()) == ["cell"]
+    xi = vim_nas.sample_noise(net, 1.0)
+    assert xi["cell"].shape == (6, 5)
+    small = vim_nas.NB201Supernet(4, 10, 1)
+    loss = F.cross_entropy(small(torch.randn(2, 3, 8, 8), vim_nas.sample_noise(small, 1.0)), torch.tensor([1, 2]))
+    grads = torch.autograd.grad(loss, small.arch_parameters())
+    assert all(g.abs().sum() > 0 for g in grads)  # the val loss reaches phi through softmax(phi(eps) + xi)
+    with torch.no_grad():
+        assert small.genotype() == common.nb201_derive(small.arch_cell())
+
+
+def test_nb201_recipe_fills_only_untyped_flags_and_keeps_vim_nas_own_settings(capsys):
+    args = common.parse_args(vim_nas.Args, ["--space", "nb201", "--lr", "0.05"])
+    common.apply_recipes(args)
+    assert args.lr == 0.05 and (args.weight_decay, args.nesterov, args.layers, args.batch_size) == (5e-4, True, 5, 64)
+    assert (args.epochs, args.arch_lr, args.noise_std) == (1, 0.025, 1.0)  # VIM-NAS's own (Deviation 13)
+    assert (args.retrain_epochs, args.retrain_nesterov, args.auxiliary) == (200, True, False)
+    with pytest.raises(SystemExit):
+        common.parse_args(vim_nas.Args, ["--help"])
+    assert "[--space nb201: 0.0005]" in capsys.readouterr().out
+
+
+def test_nb201_search_with_benchmark_lookup_end_to_end(tmp_path, nb201_benchmark):
+    folder, expected = nb201_benchmark
+    results = vim_nas.main(common.parse_args(vim_nas.Args, [*NB201_TINY, "--nb201-benchmark", str(folder),
+                                                            "--out-dir", str(tmp_path), "--run-name", "r"]))
+    run_dir = tmp_path / "r"
+    history = read_jsonl(run_dir / "search_history.jsonl")
+    assert len(history) == 2
+    for row in history:
+        assert row["nb201_index"] == common.nb201_index(row["arch"]) and row["nb201"] == expected(row["arch"])
+    alphas = read_jsonl(run_dir / "alphas.jsonl")
+    assert np.array(alphas[-1]["softmax"]["cell"]).shape == (6, 5)
+    saved = json.loads((run_dir / "genotype.json").read_text())
+    assert saved == results["genotype"] == common.nb201_record(history[-1]["arch"])
+    assert saved["arch"] == common.nb201_derive(torch.tensor(alphas[-1]["alpha"]["cell"]))
+    net = common.NB201Network(saved["arch"], 10, 4, 3)
+    assert results["retrain"]["params_M"] == pytest.approx(sum(q.numel() for q in net.parameters()) / 1e6, abs=1e-6)
+    assert (run_dir / "nb201.png").exists() and (run_dir / "anytime_weights.png").exists()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--nb201-benchmark", "x.pth"], "needs --space nb201"),
+    (["--space", "nb201", "--genotype", "DARTS_V2"], "needs --space nb201"),
+    (["--genotype", "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"], "needs --space nb201"),
+    (["--space", "nb201", "--layers", "0"], "--layers must be >=1"),
+])
+def test_nb201_bad_inputs_are_one_line_exit_2_before_any_folder(tmp_path, capsys, flags, needle):
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:
+        common.cli(vim_nas.main, vim_nas.Args, [*TINY, "--out-dir", str(out), *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert not out.exists()
