@@ -6,7 +6,9 @@ For every method file, bench.py runs the file's own search (its main(), in this 
 wrote per step to search_history.jsonl. A step is what the method does per training batch: for the
 DARTS family one architecture step on a val batch plus one weight step (GDAS, SNAS, VIM-NAS, DAAS alike;
 SNAS updates both on the same batch), for iDARTS one alpha step with its --inner-steps (5) weight steps,
-for ENAS one shared-weight step of a sampled child. Warm-up epochs without architecture steps are switched
+for ENAS one shared-weight step of a sampled child, for ProxylessNAS one weight step on sampled paths (its
+first search epoch has no architecture step, later ones one every --arch-update-every batches, so bench
+times weight steps only, and its 40 warm-up epochs are not in the whole-search figure). Warm-up epochs without architecture steps are switched
 off (--warmup-epochs 0 where a method has them), so every timed step is a full one.
 
     python bench.py                                      # every method at its paper configuration
