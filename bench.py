@@ -8,8 +8,9 @@ DARTS family one architecture step on a val batch plus one weight step (GDAS, SN
 SNAS updates both on the same batch), for iDARTS one alpha step with its --inner-steps (5) weight steps,
 for ENAS one shared-weight step of a sampled child, for ProxylessNAS one weight step on sampled paths (its
 first search epoch has no architecture step, later ones one every --arch-update-every batches, so bench
-times weight steps only, and its 40 warm-up epochs are not in the whole-search figure). Warm-up epochs without architecture steps are switched
-off (--warmup-epochs 0 where a method has them), so every timed step is a full one.
+times weight steps only, and its 40 warm-up epochs are not in the whole-search figure). Warm-up epochs
+without architecture steps are switched off (--warmup-epochs 0 where a method has them), so every timed
+step is a full one.
 
     python bench.py                                      # every method at its paper configuration
     python bench.py --device cuda --channels-last --compile --no-torch-deterministic
