@@ -104,6 +104,9 @@ class BaseArgs:
                               "(a GPU speed switch; bench.py measures it)", "run")
     compile: bool = arg(False, "torch.compile the forward of the supernet and the retrained network "
                         "(nn.Module.compile; the first steps compile, later ones are faster)", "run")
+    compile_backend: str = arg("inductor", "torch.compile backend of --compile (inductor: generated kernels; "
+                               "aot_eager / eager: no code generation, for quick checks)", "run",
+                               ("inductor", "aot_eager", "eager"))
     dataset: str = arg("cifar10", " | ".join(DATASETS) + " (imagenet: torchvision's train/ and val/ folders, "
                        "retrained in the mobile setting with train_imagenet.py's recipe)", "run", DATASETS)
     data: str = arg("./data", "dataset root (imagefolder: a folder with train/ and val/)", "run")
@@ -1192,7 +1195,7 @@ def speed_up(model, args):
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.compile:
-        model.compile()
+        model.compile(backend=args.compile_backend)
     return model
 
 

@@ -86,6 +86,10 @@ Deviations from the paper (each is what the official code does, unless marked "o
        towers and cutout on, as the README command passes them).
    13. ours: the searched cell is derived after the last epoch; train_search.py logs model.genotype() at
        the start of each epoch (lines 121-122), so its last logged cell is the one before epoch 50 trains.
+   14. --dataset imagenet retrains with DARTS's recipe (common.IMAGENET_RETRAIN_ARGS): the official
+       cnn/train_imagenet.py is DARTS's (lines 24-42: batch 128, lr 0.1, weight decay 3e-5, StepLR gamma
+       0.97 per epoch, label smoothing 0.1, auxiliary 0.4, grad clip 5, C=48, 14 cells, no drop path, and
+       no BatchNorm in the auxiliary head, model.py lines 98-100), so Args has no IMAGENET of its own.
    Plus the deviations shared by every method file, listed in common.py's docstring (C1-C5).
 
 Runs: --resume RUN_DIR continues a killed run (README.md, "Resume a killed run").
@@ -418,7 +422,7 @@ def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, 
     coef_alpha = lam_c * lambda_alpha(epoch + 1, args.epochs, args.warmup_epochs + 1)  # E = N + 1
     coef_beta = lam_c * args.lambda_beta
     steps = min(len(train_data), args.steps_per_epoch or len(train_data))
-    loss_sum, acc_sum, n, t0 = 0.0, 0.0, 0, time.time()
+    progress = common.Progress(log, "search", epoch, steps, args.report_freq, device)
     for step, (x, y) in enumerate(train_data):
         if step >= steps:
             break
@@ -438,11 +442,8 @@ def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, 
         loss.backward()
         common.clip_grad(model.weight_parameters(), args.grad_clip)
         w_optimizer.step()
-        loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + common.accuracy(logits, y), n + 1
-        if (step + 1) % args.report_freq == 0 or step + 1 == steps:
-            log.info("search epoch %d step %d/%d loss %.4f acc %.2f (%.3f s/step)", epoch, step + 1, steps,
-                     loss_sum / n, acc_sum / n, (time.time() - t0) / n)
-    return loss_sum / max(n, 1), acc_sum / max(n, 1), (time.time() - t0) / max(n, 1)
+        progress.update(loss.item(), common.accuracy(logits, y))
+    return progress.summary()
 
 
 def plot_discretization(history, path):
@@ -480,7 +481,7 @@ def search(args, device, run_dir, log):
     train_set, num_classes, _ = common.load_dataset(args.dataset, args.data, True, args.image_size)
     train_data, val_data = common.search_loaders(train_set, args.batch_size, args.train_portion, generator,
                                                  args.workers)
-    model = Network(args.init_channels, num_classes, args.layers).to(device)
+    model = common.speed_up(Network(args.init_channels, num_classes, args.layers).to(device), args)
     log.info("supernet: %.3f M weights, alphas %s, betas %s", sum(p.numel() for p in model.weight_parameters()) / 1e6,
              [tuple(a.shape) for a in model.arch_parameters()], [tuple(b.shape) for b in model.betas_normal])
     w_optimizer = torch.optim.SGD(model.weight_parameters(), args.lr, momentum=args.momentum,
@@ -503,8 +504,7 @@ def search(args, device, run_dir, log):
         # ALGO LOGIC: Deviation 4: alpha's lr is 0 in the warm-up epochs 0..N-1 (official architect.set())
         a_optimizer.param_groups[0]["lr"] = alpha_lr(epoch, args)
         val_iter = common.forever(val_data)  # one pass of the val half per epoch at the 50/50 split
-        train_loss, train_acc, s_per_step = search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer,
-                                                         device, args, log, epoch)
+        train = search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, args, log, epoch)
         genotype = model.genotype()
         # ALGO LOGIC: supernet vs derived cell with inherited weights on the val half
         gap = discretization_gap(model, genotype, val_data, device, PRIMITIVES, args.amp, args.steps_per_epoch,
@@ -521,9 +521,9 @@ def search(args, device, run_dir, log):
         row = {"epoch": epoch, "lr": lr, "alpha_lr": a_optimizer.param_groups[0]["lr"],
                "lambda_c": lambda_c(t, args.epochs, args.loss_weight),
                "lambda_alpha": lambda_alpha(t, args.epochs, args.warmup_epochs + 1),
-               "train_loss": train_loss, "train_acc": train_acc, **gap,
+               **train, **gap,
                "loss_O": loss_o, "loss_E": loss_e, "discreteness": discreteness(model), "edge_weights": b,
-               "seconds": time.time() - t0, "seconds_per_step": s_per_step,
+               "seconds": time.time() - t0,
                "genotype": common.genotype_to_dict(genotype)}
         history.append(row)
         common.append_jsonl(run_dir / "search_history.jsonl", row)
@@ -534,7 +534,7 @@ def search(args, device, run_dir, log):
                      "reduce": [x.tolist() for x in model.betas_reduce]}})
         common.write_json(run_dir / "genotype.json", common.genotype_to_dict(genotype))
         log.info("search epoch %d lr %.5f train_acc %.2f val_acc %.2f disc_val_acc %.2f (BN re-estimated %s) "
-                 "gap %.2f %.1fs", epoch, lr, train_acc, gap["val_acc"], gap["disc_val_acc"],
+                 "gap %.2f %.1fs", epoch, lr, row["train_acc"], gap["val_acc"], gap["disc_val_acc"],
                  "%.2f" % gap["disc_val_acc_bn"] if "disc_val_acc_bn" in gap else "-", gap["gap"], row["seconds"])
         d = row["discreteness"]
         log.info("discreteness: op one-hot %.3f / %.3f, top-2 edge share %.3f / %.3f (normal / reduce); "

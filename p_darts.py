@@ -67,6 +67,11 @@ Deviations from the paper (each is what the official code does, unless marked "o
    11. ours: the warm-up is a flag, --warmup-epochs 10 (alias --arch-start-epoch); train_search.py
        hard-codes eps_no_archs = [10, 10, 10] (line 123). Every stage has at least 3 cells (--layers
        >= 3, --add-layers >= 0): with fewer there is no normal cell and its alpha gets no gradient.
+   12. --dataset imagenet retrains with P-DARTS's own train_imagenet.py (Args.IMAGENET, --help): batch 256,
+       lr 0.1 falling linearly to 0 (slower in the last 5 epochs, adjust_lr lines 185-193), weight decay 3e-5,
+       250 epochs, label smoothing 0.1, auxiliary 0.4 with a BatchNorm in its head (model.py line 95), grad
+       clip 5, C=48, 14 cells, momentum 0.9, no drop path. Its 5-epoch warm-up (lines 155-158) applies only
+       above batch 256: pass --retrain-warmup-epochs 5 with a larger --retrain-batch-size.
    Plus the deviations shared by every method file, listed in common.py's docstring (C1-C5).
 
 Runs: --resume RUN_DIR continues a killed run; under torchrun only retraining is distributed
@@ -131,6 +136,22 @@ class Args(common.BaseArgs):
     # Retraining: train_cifar.py differs from DARTS's train.py in these two defaults (train_cifar.py lines 22, 34)
     retrain_batch_size: int = arg(128, "train_cifar.py --batch_size 128", "retrain", ">=2")
     drop_path_prob: float = arg(0.3, "train_cifar.py --drop_path_prob 0.3 (linear ramp from 0)", "retrain", "[0,1)")
+
+    # --dataset imagenet: chenxin061/pdarts train_imagenet.py (Deviation 12), for flags not typed
+    IMAGENET = {"retrain_batch_size": 256,        # line 24 --batch_size 256
+                "retrain_lr": 0.1,                # line 25
+                "retrain_weight_decay": 3e-5,     # line 27
+                "retrain_epochs": 250,            # line 29
+                "retrain_init_channels": 48,      # line 30
+                "retrain_layers": 14,             # line 31
+                "auxiliary": True,                # line 32 flag; the README command passes --auxiliary
+                "auxiliary_weight": 0.4,          # line 33
+                "drop_path_prob": 0.0,            # line 34
+                "retrain_grad_clip": 5.0,         # line 38
+                "label_smoothing": 0.1,           # line 39
+                "retrain_schedule": "linear",     # line 40 --lr_scheduler linear, adjust_lr lines 185-193
+                "retrain_warmup_epochs": 0,       # lines 155-158: warm-up only for batch > 256
+                "aux_batchnorm": True}            # model.py line 95: BatchNorm after the 768-channel conv
 
 
 def stage_settings(args):
@@ -364,7 +385,7 @@ def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, 
     step on a val batch with its gradient norm clipped, then a weight step on the train batch."""
     model.train()
     steps = min(len(train_data), args.steps_per_epoch or len(train_data))
-    loss_sum, acc_sum, n, t0 = 0.0, 0.0, 0, time.time()
+    progress = common.Progress(log, "search", epoch, steps, args.report_freq, device)
     for step, (x, y) in enumerate(train_data):
         if step >= steps:
             break
@@ -386,11 +407,8 @@ def search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, 
         loss.backward()
         common.clip_grad(model.weight_parameters(), args.grad_clip)
         w_optimizer.step()
-        loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + common.accuracy(logits, y), n + 1
-        if (step + 1) % args.report_freq == 0 or step + 1 == steps:
-            log.info("search epoch %d step %d/%d loss %.4f acc %.2f (%.3f s/step)", epoch, step + 1, steps,
-                     loss_sum / n, acc_sum / n, (time.time() - t0) / n)
-    return loss_sum / max(n, 1), acc_sum / max(n, 1), (time.time() - t0) / max(n, 1)
+        progress.update(loss.item(), common.accuracy(logits, y))
+    return progress.summary()
 
 
 def evaluates(epoch, epochs, eval_last):
@@ -436,8 +454,8 @@ def search(args, device, run_dir, log):
             log_op_sets(log, stage_ops[-1], f"after stage {stage}")
         ops = stage_ops[stage]
         # ALGO LOGIC: (P1) a new supernet: deeper, only the surviving ops, new weights and alpha
-        model = Network(cfg["channels"], num_classes, cfg["cells"], ops["normal"], ops["reduce"],
-                        cfg["dropout"]).to(device)
+        model = common.speed_up(Network(cfg["channels"], num_classes, cfg["cells"], ops["normal"], ops["reduce"],
+                                        cfg["dropout"]).to(device), args)
         w_optimizer = torch.optim.SGD(model.weight_parameters(), args.lr, momentum=args.momentum,
                                       weight_decay=args.weight_decay)
         a_optimizer = torch.optim.Adam(model.arch_parameters(), args.arch_lr, betas=(0.5, 0.999),
@@ -456,8 +474,8 @@ def search(args, device, run_dir, log):
             model.set_skip_dropout(p)
             train_arch = e >= args.warmup_epochs  # (P2) weights only for the first epochs of each stage
             val_iter = common.forever(val_data)  # one pass of the val half per epoch at the 50/50 split
-            train_loss, train_acc, s_per_step = search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer,
-                                                             device, args, log, epoch, train_arch)
+            train = search_epoch(model, train_data, val_iter, w_optimizer, a_optimizer, device, args, log, epoch,
+                                 train_arch)
             val_loss = val_acc = None
             if evaluates(e, E, args.eval_last):
                 val_loss, val_acc = common.evaluate(model, val_data, device, args.amp, args.steps_per_epoch)
@@ -465,9 +483,8 @@ def search(args, device, run_dir, log):
             weights = model.weights()
             genotype = model.genotype(args.max_skip)
             row = {"epoch": epoch, "stage": stage + 1, "stage_epoch": e, "cells": cfg["cells"], "lr": lr,
-                   "skip_dropout": p, "arch_update": train_arch, "train_loss": train_loss, "train_acc": train_acc,
-                   "val_loss": val_loss, "val_acc": val_acc, "seconds": time.time() - t0,
-                   "seconds_per_step": s_per_step, "genotype": common.genotype_to_dict(genotype)}
+                   "skip_dropout": p, "arch_update": train_arch, **train, "val_loss": val_loss, "val_acc": val_acc,
+                   "seconds": time.time() - t0, "genotype": common.genotype_to_dict(genotype)}
             history.append(row)
             common.append_jsonl(run_dir / "search_history.jsonl", row)
             full = {cell: [[None if math.isnan(v) else v for v in r] for r in dense(weights[cell], ops[cell]).tolist()]
@@ -478,7 +495,7 @@ def search(args, device, run_dir, log):
             common.append_jsonl(run_dir / "alphas.jsonl", alpha_rows[-1])
             common.write_json(run_dir / "genotype.json", common.genotype_to_dict(genotype))
             log.info("stage %d epoch %d (search epoch %d) lr %.5f skip dropout %.3f%s train_acc %.2f val_acc %s %.1fs",
-                     stage + 1, e, epoch, lr, p, " alpha on" if train_arch else "", train_acc,
+                     stage + 1, e, epoch, lr, p, " alpha on" if train_arch else "", row["train_acc"],
                      "-" if val_acc is None else f"{val_acc:.2f}", row["seconds"])
             log.info("genotype %s", genotype)
             # TRY NOT TO MODIFY: checkpoint with everything needed to resume, stage and op sets included

@@ -444,3 +444,13 @@ def test_old_run_folders_with_arch_lr_alpha_resume(tmp_path):
     args = common.parse_args(daas.Args, ["--resume", str(tmp_path), "--device", "cpu"])
     resumed = common.resume_args(args, daas.__file__)
     assert resumed.arch_lr == pytest.approx(3e-3) and resumed.epochs == 3 and resumed.warmup_epochs == 0
+
+
+def test_imagenet_recipe_is_darts_train_imagenet_py():
+    """The official cnn/train_imagenet.py is DARTS's, so --dataset imagenet brings common's recipe unchanged."""
+    assert not hasattr(daas.Args, "IMAGENET")
+    assert common.recipes(daas.Args)["--dataset imagenet"] == common.IMAGENET_RETRAIN_ARGS
+    args = common.parse_args(daas.Args, ["--dataset", "imagenet"])
+    common.apply_recipes(args)
+    assert (args.retrain_batch_size, args.retrain_schedule, args.retrain_gamma, args.aux_batchnorm) == (128, "step", 0.97,
+                                                                                                      False)

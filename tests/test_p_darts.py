@@ -389,3 +389,21 @@ def test_bad_stage_flags_are_one_line_and_touch_nothing(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr == "error: --dropout-rate has 2 values but --add-layers has 3: give one value per stage\n"
     assert not (tmp_path / "runs").exists()
+
+
+def test_imagenet_recipe_is_train_imagenet_py_and_typed_flags_win(capsys):
+    """--dataset imagenet: chenxin061/pdarts train_imagenet.py lines 24-40 for untyped flags, in --help too."""
+    recipe = common.recipes(p_darts.Args)["--dataset imagenet"]
+    assert {k: recipe[k] for k in ("retrain_batch_size", "retrain_lr", "retrain_weight_decay", "retrain_epochs",
+                                   "label_smoothing", "retrain_schedule", "aux_batchnorm", "retrain_layers")} == {
+        "retrain_batch_size": 256, "retrain_lr": 0.1, "retrain_weight_decay": 3e-5, "retrain_epochs": 250,
+        "label_smoothing": 0.1, "retrain_schedule": "linear", "aux_batchnorm": True, "retrain_layers": 14}
+    args = common.parse_args(p_darts.Args, ["--dataset", "imagenet", "--retrain-lr", "0.05"])
+    common.apply_recipes(args)
+    assert (args.retrain_batch_size, args.retrain_schedule, args.retrain_lr) == (256, "linear", 0.05)
+    cifar = common.parse_args(p_darts.Args, [])
+    common.apply_recipes(cifar)
+    assert (cifar.retrain_batch_size, cifar.retrain_schedule) == (128, "cosine")  # train_cifar.py unchanged
+    with pytest.raises(SystemExit):
+        common.parse_args(p_darts.Args, ["--help"])
+    assert "[--dataset imagenet: linear]" in " ".join(capsys.readouterr().out.split())
