@@ -336,6 +336,7 @@ def test_discretization_gap_leaves_the_model_alone():
 
 
 # ------------------------------------------------------------------ runs
+@pytest.mark.slow
 def test_search_and_retrain_on_fake_writes_the_run_folder(run):
     proc, run_dir = run("daas.py", *TINY, "--steps-per-epoch", "4", "--warmup-epochs", "1", "--bn-batches", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]

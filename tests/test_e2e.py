@@ -52,6 +52,7 @@ def test_digits_search_then_retrain_learns(run):
     assert [r["epoch"] for r in history] == list(range(8)) and history[-1]["lr"] < history[0]["lr"]
 
 
+@pytest.mark.slow
 def test_known_genotype_is_retrained_without_search(run):
     proc, run_dir = run("darts.py", *TINY, "--genotype", "PC_DARTS")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,6 +61,7 @@ def test_known_genotype_is_retrained_without_search(run):
     assert "search" not in results and results["genotype"] == common.genotype_to_dict(common.GENOTYPES["PC_DARTS"])
 
 
+@pytest.mark.slow
 def test_imagefolder_dataset(run, tmp_path):
     from PIL import Image
 
@@ -84,6 +86,7 @@ def test_imagefolder_dataset(run, tmp_path):
     (["--genotype", "DARTS", "--no-retrain"], "nothing to do"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--epochs", "0"], ""),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_touches_nothing(tmp_path, flags, needle):
     args = [*TINY, "--out-dir", tmp_path / "runs", *flags]
     proc = run_script("darts.py", *args)
@@ -92,6 +95,7 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path, flags, needle):
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_existing_run_folder_is_never_reused(run):
     (proc, run_dir) = run("darts.py", *TINY, "--genotype", "DARTS", "--retrain-epochs", "1", name="same")
     assert proc.returncode == 0

@@ -46,6 +46,7 @@ def ref_run(tmp_path_factory):
     return out / "ref"
 
 
+@pytest.mark.slow
 def test_search_and_retrain_on_fake_writes_the_run_folder(ref_run):
     run_dir = ref_run
     for name in SEARCH_FILES + RETRAIN_FILES:
@@ -77,12 +78,14 @@ def test_search_and_retrain_on_fake_writes_the_run_folder(ref_run):
     assert "search epoch 1 step 4/4" in log and "controller epoch 1 step 2/2" in log and "test accuracy" in log
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(ref_run):
     # killed during the search
     run_dir = kill_resume_and_compare("enas.py", FLAGS, ref_run.parent, ref_run, kill_in_retrain=False)
     assert "resuming the search at epoch" in (run_dir / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_digits_search_then_retrain_learns(run):
     """Real data: a broken search or retraining pipeline cannot clear 90 % (chance is 10 %). The shared
     network itself learns slowly under one sampled cell per step (the official search ends near 68 %

@@ -34,6 +34,7 @@ def tiny_run(tmp_path_factory):
     return proc, out / "ref"
 
 
+@pytest.mark.slow
 def test_search_and_retrain_on_fake_writes_the_run_folder(tiny_run):
     proc, run_dir = tiny_run
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -249,6 +249,7 @@ SEARCH_FILES = ["args.json", "log.txt", "idarts.py", "common.py", "search_histor
 RETRAIN_FILES = ["retrain_history.jsonl", "checkpoint_retrain.pt", "retrain_curves.png", "results.json"]
 
 
+@pytest.mark.slow
 def test_search_and_retrain_on_fake_writes_the_run_folder(run):
     proc, run_dir = run("idarts.py", *SMALL, "--neumann-k", "1", "--neumann-gamma", "0.1")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -162,6 +162,7 @@ def test_imagenet_dataset_missing_or_empty_folders_are_usage_errors(tmp_path):
         common.load_dataset("imagenet", tmp_path / "empty", False)
 
 
+@pytest.mark.slow
 def test_darts_searches_on_an_imagenet_tree_from_the_command_line(run, tmp_path):
     root = _image_tree(tmp_path / "imagenet", n=8)
     flags = [*TINY, "--dataset", "imagenet", "--data", root, "--epochs", "1", "--no-retrain"]

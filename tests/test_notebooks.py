@@ -42,6 +42,7 @@ def test_prose_numbers_are_the_committed_outputs(path):
         "the committed notebook is not fully executed"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes_in_fast_mode(path, monkeypatch):
     """NB_FAST=1 shrinks the experiments; the claims (nbcheck.claim) and checks still run."""

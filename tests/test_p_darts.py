@@ -296,6 +296,7 @@ def ref_run(tmp_path_factory):
     return out / "ref"
 
 
+@pytest.mark.slow
 def test_three_stages_on_fake_write_the_run_folder(ref_run):
     for name in FILES:
         assert (ref_run / name).is_file() and (ref_run / name).stat().st_size > 0, name
@@ -347,6 +348,7 @@ def kill_at(proc, log, needle, timeout=300):
     proc.wait()
 
 
+@pytest.mark.slow
 def test_killed_in_stage_2_and_between_stages_then_resumed_equals_uninterrupted(ref_run, tmp_path):
     run_dir = tmp_path / "killed"
     quiet = dict(cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -348,6 +348,7 @@ def fake_run(tmp_path_factory):
     return out / "ref"
 
 
+@pytest.mark.slow
 def test_search_and_retrain_on_fake_writes_the_run_folder(fake_run):
     for name in SEARCH_FILES + RETRAIN_FILES:
         assert (fake_run / name).is_file() and (fake_run / name).stat().st_size > 0, name
@@ -386,6 +387,7 @@ def test_search_and_retrain_on_fake_writes_the_run_folder(fake_run):
     assert "warm-up (weights only)" in log and "arch+weights" in log and "test accuracy" in log
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(fake_run, tmp_path):
     # killed during the search (in the warm-up) and again during retraining
     run_dir = kill_resume_and_compare("pc_darts.py", FLAGS, tmp_path, fake_run, volatile=VOLATILE)

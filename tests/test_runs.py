@@ -96,6 +96,7 @@ def test_empty_imagefolder_is_one_line(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_retrains_with_two_gloo_processes(tmp_path):
     """DistributedDataParallel on CPU: both ranks end with the same weights, rank 0 alone writes."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -162,6 +163,7 @@ def test_ctrl_c_in_epoch_0_names_the_folder_and_the_resume_command(tmp_path):
     assert len(rows(run_dir / "search_history.jsonl")) == 3 and (run_dir / "results.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_unreadable_image_mid_run_names_the_file_and_the_run_resumes(tmp_path, workers):
     import numpy as np
@@ -200,6 +202,7 @@ def test_an_unexpected_error_goes_into_log_txt_with_its_traceback(tmp_path):
     assert "Traceback" in log and "RuntimeError: a bug" in log and f"--resume {tmp_path / 'r'}" in log
 
 
+@pytest.mark.slow
 def test_a_last_training_batch_of_one_image_is_dropped(run):
     """digits: 1297 training images, batch 16 -> 81 batches and 1 image left, which BatchNorm cannot train on."""
     proc, d = run("darts.py", "--genotype", "DARTS_V2", "--dataset", "digits", "--device", "cpu", "--workers", "0",

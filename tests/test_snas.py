@@ -234,6 +234,7 @@ def test_reference_parameter_counts_of_the_published_cells():
 # ------------------------------------------------------------------------------------------------------------
 # Runs
 # ------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_search_and_retrain_on_fake_writes_the_run_folder(run):
     proc, run_dir = run("snas.py", *TINY, "--steps-per-epoch", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]

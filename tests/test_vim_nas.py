@@ -27,6 +27,7 @@ def ref_run(tmp_path_factory):
     return out / "ref"
 
 
+@pytest.mark.slow
 def test_search_and_retrain_on_fake_writes_the_run_folder(ref_run):
     for name in SEARCH_FILES + RETRAIN_FILES:
         assert (ref_run / name).is_file() and (ref_run / name).stat().st_size > 0, name
@@ -62,6 +63,7 @@ def test_search_and_retrain_on_fake_writes_the_run_folder(ref_run):
     assert "search epoch 1 step 4/4" in log and "settling" in log and "test accuracy" in log
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(ref_run, tmp_path):
     # killed during the search, after epoch 0
     kill_resume_and_compare("vim_nas.py", FLAGS, tmp_path, ref_run, kill_in_retrain=False,
