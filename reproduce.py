@@ -113,9 +113,17 @@ def sample_enas(rng, args):
     return common.genotype_to_dict(enas.arc_to_genotype((arc(), arc())))
 
 
-# NAS-Bench-201 ("nb201") goes here: a cell is an arch string "|op~0|+|op~0|op~1|+|op~0|op~1|op~2|", each of
-# its 6 edges one of the benchmark's 5 ops, uniformly; add sample_nb201(rng, args) returning what the method
-# files' --genotype will read once common.py has the NB-201 ops.
+def sample_nb201(rng, args):
+    """The NAS-Bench-201 space (--space nb201 of a method file): each of the cell's 6 edges one of the
+    benchmark's 5 ops, 'none' included, uniformly, so each of the 15625 cells is equally likely; written as
+    genotype.json writes an arch string (the arch and its benchmark index)."""
+    return common.genotype_to_dict(common.nb201_arch_str(rng.choice(common.NB201_PRIMITIVES)
+                                                         for _ in common.NB201_EDGES))
+
+
+def space_of(method, args):
+    """The key of SAMPLERS for this method run with these flags: its NAS-Bench-201 space under --space nb201."""
+    return "nb201" if getattr(args, "space", "darts") == "nb201" else METHODS[method]
 
 
 def sample_proxylessnas(rng, args):
@@ -127,7 +135,7 @@ def sample_proxylessnas(rng, args):
     return {**space, "ops": [rng.choice(c) for c in proxylessnas.choices(proxylessnas.layer_plan(space))]}
 
 
-SAMPLERS = {"darts": sample_darts, "edge_all": sample_edge_all, "enas": sample_enas,
+SAMPLERS = {"darts": sample_darts, "edge_all": sample_edge_all, "enas": sample_enas, "nb201": sample_nb201,
             "proxylessnas": sample_proxylessnas}
 # sampler(rng, method_args) -> the JSON object of a genotype.json that METHOD.py --genotype reads
 
@@ -211,8 +219,6 @@ def parse(argv):
         raise UsageError("--search-seeds 0 and --random-cells 0: there is no cell to evaluate")
     if not 0 < opts.select_val_portion < 1:
         raise UsageError(f"--select-val-portion must be in (0, 1), got {opts.select_val_portion}")
-    if opts.random_cells and METHODS[method] not in SAMPLERS:
-        raise UsageError(f"--random-cells: no sampler for {method}'s search space {METHODS[method]!r} yet")
     opts.gpu_list = parse_gpus(opts.gpus)
     if opts.gpus and opts.slurm:
         raise UsageError("--gpus runs jobs on this machine, --slurm on a cluster; pick one")
@@ -228,8 +234,10 @@ def parse(argv):
     if opts.gpu_list and args.device == "cpu":
         raise UsageError("--gpus gives each job a GPU, but --device cpu keeps it off; drop one of them")
     check_out(opts, flags)
+    if opts.random_cells and space_of(method, args) not in SAMPLERS:
+        raise UsageError(f"--random-cells: no sampler for {method}'s search space {space_of(method, args)!r} yet")
     if opts.random_cells:
-        SAMPLERS[METHODS[method]](random.Random(0), args)  # fails here, not after the searches
+        SAMPLERS[space_of(method, args)](random.Random(0), args)  # fails here, not after the searches
     return opts, args, flags
 
 
@@ -353,7 +361,7 @@ def write_random_cells(opts, args):
     (opts.out / "cells").mkdir(exist_ok=True)
     for _, i, _, path, _ in cells(opts):
         if path.parent.name == "cells" and not path.exists():
-            common.write_json(path, SAMPLERS[METHODS[opts.method]](random.Random(i), args))
+            common.write_json(path, SAMPLERS[space_of(opts.method, args)](random.Random(i), args))
 
 
 # =====================================================================================
@@ -587,7 +595,8 @@ def write_results(opts, flags, rows):
                          f"{fmt(r['params_M'], 3)} M params")
     lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
-    refs = PUBLISHED.get(opts.method, []) + (PUBLISHED["random"] if METHODS[opts.method] == "darts" else [])
+    darts_space = METHODS[opts.method] == "darts" and not any("nb201" in f for f in flags)
+    refs = PUBLISHED.get(opts.method, []) + (PUBLISHED["random"] if darts_space else [])
     if refs:
         lines += ["", "Published CIFAR-10 test errors (drawn on results.png when --dataset cifar10):", ""]
         lines += [f"- {label}: {mean}" + (f" +- {std}" if std else "") + f" % ({src})"

@@ -339,3 +339,21 @@ def test_slurm_submission(tmp_path, monkeypatch):
     for line in ("--partition=gpu", "--gpus-per-node=1", "--time=4320", "--cpus-per-task=6",
                  "--job-name=final-s1-seed3"):
         assert f"#SBATCH {line}" in script
+
+
+def test_random_nb201_cells_are_uniform_and_read_by_the_method_files(tmp_path):
+    """--space nb201: each of the 6 edges one of the 5 ops ('none' included) uniformly, independent of the
+    other edges; the written genotype.json is the arch string the method files' --genotype reads."""
+    args = SimpleNamespace(space="nb201")
+    assert reproduce.space_of("darts", args) == "nb201" and reproduce.space_of("darts", SimpleNamespace()) == "darts"
+    cells = [reproduce.SAMPLERS["nb201"](reproduce.random.Random(i), args) for i in range(3000)]
+    assert cells[5] == reproduce.sample_nb201(reproduce.random.Random(5), args)
+    ops = [common.parse_nb201_arch(c["arch"]) for c in cells]
+    assert all(c["nb201_index"] == common.nb201_index(c["arch"]) for c in cells[:50])
+    for edge in range(6):
+        counts = Counter(o[edge] for o in ops)
+        assert set(counts) == set(common.NB201_PRIMITIVES)
+        assert max(abs(n / len(ops) - 0.2) for n in counts.values()) < 0.03
+    assert len({c["arch"] for c in cells}) > 2500  # not a few cells repeated
+    common.write_json(tmp_path / "g.json", cells[0])
+    assert common.parse_genotype(str(tmp_path / "g.json")) == cells[0]["arch"]
