@@ -231,13 +231,14 @@ def parse(argv):
             raise UsageError(f"--slurm {opts.slurm}: no sbatch on this machine's PATH (run from a Slurm login node)")
     opts.out = Path(opts.out or f"runs/reproduce-{method}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     args = method_args(method, flags, opts.out)
+    opts.space = space_of(method, args)  # the key of SAMPLERS, from the parsed method flags
     if opts.gpu_list and args.device == "cpu":
         raise UsageError("--gpus gives each job a GPU, but --device cpu keeps it off; drop one of them")
     check_out(opts, flags)
-    if opts.random_cells and space_of(method, args) not in SAMPLERS:
-        raise UsageError(f"--random-cells: no sampler for {method}'s search space {space_of(method, args)!r} yet")
+    if opts.random_cells and opts.space not in SAMPLERS:
+        raise UsageError(f"--random-cells: no sampler for {method}'s search space {opts.space!r} yet")
     if opts.random_cells:
-        SAMPLERS[space_of(method, args)](random.Random(0), args)  # fails here, not after the searches
+        SAMPLERS[opts.space](random.Random(0), args)  # fails here, not after the searches
     return opts, args, flags
 
 
@@ -361,7 +362,7 @@ def write_random_cells(opts, args):
     (opts.out / "cells").mkdir(exist_ok=True)
     for _, i, _, path, _ in cells(opts):
         if path.parent.name == "cells" and not path.exists():
-            common.write_json(path, SAMPLERS[space_of(opts.method, args)](random.Random(i), args))
+            common.write_json(path, SAMPLERS[opts.space](random.Random(i), args))
 
 
 # =====================================================================================
@@ -595,8 +596,7 @@ def write_results(opts, flags, rows):
                          f"{fmt(r['params_M'], 3)} M params")
     lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
-    darts_space = METHODS[opts.method] == "darts" and not any("nb201" in f for f in flags)
-    refs = PUBLISHED.get(opts.method, []) + (PUBLISHED["random"] if darts_space else [])
+    refs = PUBLISHED.get(opts.method, []) + (PUBLISHED["random"] if opts.space == "darts" else [])
     if refs:
         lines += ["", "Published CIFAR-10 test errors (drawn on results.png when --dataset cifar10):", ""]
         lines += [f"- {label}: {mean}" + (f" +- {std}" if std else "") + f" % ({src})"
