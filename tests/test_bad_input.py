@@ -65,12 +65,25 @@ CASES = [
     (["--dataset", "imagefolder", "--data", "{tmp}/mismatch"], "different classes"),
     (["--dataset", "imagefolder", "--data", "{tmp}/oneclass"], "needs at least 2"),
     (["--dataset", "imagefolder", "--data", "{tmp}/empty"], "holds no images"),
+    (["--compile-backend", "tvm"], "unknown --compile-backend 'tvm'"),
+    (["--genotype", "|nor_conv_3x3~0|+|none~0|none~1|+|skip_connect~0|none~1|none~2|"], "needs --space nb201"),
 ]
+NB201_CASES = [  # the NAS-Bench-201 space, in the files that have one (not NO_NB201)
+    (["--space", "nb202"], "unknown --space 'nb202'"),
+    (["--nb201-benchmark", "{tmp}/missing.pth"], "--nb201-benchmark looks up NAS-Bench-201 cells: it needs "
+                                                  "--space nb201"),
+    (["--space", "nb201", "--nb201-benchmark", "{tmp}/missing.pth"], "missing.pth: no such file or directory"),
+    (["--space", "nb201", "--genotype", "DARTS_V2"], "--space nb201 needs one"),
+]
+NO_NB201 = ["p_darts", "daas", "proxylessnas"]  # no NAS-Bench-201 space (README, NAS-Bench-201)
+CASES += NB201_CASES
 NOT_FOR = {  # cases that do not apply to a method (it has no such flag, or reads that input correctly)
     ("snas", "edge_all"),  # snas.py converts an edge_all cell explicitly
     # proxylessnas.py: --layers counts blocks per stage (>= 1, its own test); a DARTS cell is no genotype there
     ("proxylessnas", "--layers must be >=3, got 1"), ("proxylessnas", "--layers must be >=3, got 2"),
     ("proxylessnas", "edge_all"),
+    ("proxylessnas", "needs --space nb201"),  # an arch string is an unknown genotype name there (its own test)
+    *((m, needle) for m in NO_NB201 for _, needle in NB201_CASES),
 }
 CASES.append((["--genotype", EDGE_ALL], "edge_all"))
 VALID = {  # flags that make TINY's 2-epoch search a valid run of a method (a longer warm-up is a usage error)
